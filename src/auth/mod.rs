@@ -1,0 +1,227 @@
+//! Inbound authentication: the internal JWT from `Authorization: Bearer …`
+//! verified against the configured key set → a [`Principal`]. The
+//! "authenticate" step of the flow.
+//!
+//! Hardening follows RFC 8725: the algorithm allow-list comes from config,
+//! never from the token (§3.1); keys are matched by family so a public key
+//! can never act as an HMAC secret (§2.1); embedded key references (`jwk`,
+//! `jku`, `x5u`, `x5c`) are refused; `iss`, `aud`, `exp` are required.
+
+mod claims;
+pub mod jwks;
+
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+
+use crate::config::AuthConfig;
+use crate::error::GatewayError;
+use claims::Claims;
+pub use jwks::{JwksError, KeySet};
+
+/// Largest `Authorization` header decoded; anything longer is refused first.
+pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
+/// Longest accepted principal or user id.
+const MAX_IDENTITY_LEN: usize = 256;
+
+/// Who is calling, as proven by a verified internal JWT.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Principal {
+    /// The caller (from `auth.principal_claim`); keys rate limits and caches.
+    pub subject: String,
+    /// The KooDrive user id (from `auth.user_id_claim`), sent as `X-User-Id`.
+    pub user_id: String,
+}
+
+/// Verifies internal JWTs.
+#[derive(Debug)]
+pub struct Verifier {
+    keys: KeySet,
+    algorithms: Vec<Algorithm>,
+    issuer: String,
+    audience: String,
+    leeway: Duration,
+    principal_claim: String,
+    user_id_claim: String,
+}
+
+impl Verifier {
+    /// Builds a verifier from config, reading the JWKS file now so a bad
+    /// key set fails start-up, not the first request.
+    pub fn from_config(config: &AuthConfig) -> Result<Verifier, JwksError> {
+        let keys = KeySet::from_file(&config.jwks_file)?;
+        Ok(Verifier::new(config, keys))
+    }
+
+    /// Builds a verifier with an already loaded key set.
+    pub fn new(config: &AuthConfig, keys: KeySet) -> Verifier {
+        Verifier {
+            keys,
+            algorithms: config.algorithms.clone(),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway: config.leeway,
+            principal_claim: config.principal_claim.clone(),
+            user_id_claim: config.user_id_claim.clone(),
+        }
+    }
+
+    /// Authenticates a request from its headers.
+    pub fn verify(&self, headers: &HeaderMap) -> Result<Principal, GatewayError> {
+        let token = bearer_token(headers)?;
+        self.verify_token(token)
+    }
+
+    /// Verifies one compact JWS and derives the principal.
+    pub fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
+        let invalid = |reason: &str| GatewayError::InvalidCredentials(reason.to_owned());
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("malformed token or unsupported algorithm"))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(invalid("algorithm not accepted"));
+        }
+        if header.jwk.is_some()
+            || header.jku.is_some()
+            || header.x5u.is_some()
+            || header.x5c.is_some()
+        {
+            return Err(invalid(
+                "embedded key references (jwk, jku, x5u, x5c) are not accepted",
+            ));
+        }
+        // RFC 7515 §4.1.11: unknown critical extensions must be refused.
+        if header.crit.is_some() {
+            return Err(invalid("critical header extensions are not supported"));
+        }
+        let key = self
+            .keys
+            .find(header.kid.as_deref(), header.alg)
+            .ok_or_else(|| invalid("no matching verification key"))?;
+
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway.as_secs();
+
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => GatewayError::ExpiredCredentials,
+            ErrorKind::ImmatureSignature => invalid("token is not valid yet (nbf)"),
+            ErrorKind::InvalidIssuer => invalid("wrong issuer"),
+            ErrorKind::InvalidAudience => invalid("wrong audience"),
+            ErrorKind::InvalidSignature => invalid("signature does not verify"),
+            ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                "exp" => invalid("missing claim `exp`"),
+                "iss" => invalid("missing claim `iss`"),
+                _ => invalid("missing claim `aud`"),
+            },
+            _ => invalid("malformed token"),
+        })?;
+        let claims = data.claims;
+        if claims.issued_in_future(self.leeway) {
+            return Err(invalid("token issued in the future (iat)"));
+        }
+        Ok(Principal {
+            subject: identity(&claims, &self.principal_claim)?,
+            user_id: identity(&claims, &self.user_id_claim)?,
+        })
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (RFC 6750 §2.1; the scheme
+/// is case-insensitive, RFC 9110 §11.1). The header's size is capped before
+/// anything is decoded.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
+    let value = headers
+        .get(AUTHORIZATION)
+        .ok_or(GatewayError::MissingCredentials)?;
+    if value.len() > MAX_AUTHORIZATION_BYTES {
+        return Err(GatewayError::InvalidCredentials(
+            "authorization header too large".into(),
+        ));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| GatewayError::InvalidCredentials("malformed authorization header".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(GatewayError::InvalidCredentials(
+            "expected `Authorization: Bearer <token>`".into(),
+        )),
+    }
+}
+
+/// A claim that names an identity: a non-empty string of visible ASCII
+/// (it becomes a header value and a cache key), at most 256 characters.
+fn identity(claims: &Claims, name: &str) -> Result<String, GatewayError> {
+    let value = claims.string(name).ok_or_else(|| {
+        GatewayError::InvalidCredentials(format!("missing string claim `{name}`"))
+    })?;
+    let usable = !value.is_empty()
+        && value.len() <= MAX_IDENTITY_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic());
+    if !usable {
+        return Err(GatewayError::InvalidCredentials(format!(
+            "claim `{name}` must be 1-{MAX_IDENTITY_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        map
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(&headers("bearer abc")).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers("BEARER abc")).unwrap(), "abc");
+    }
+
+    #[test]
+    fn missing_header_is_missing_credentials() {
+        assert!(matches!(
+            bearer_token(&HeaderMap::new()),
+            Err(GatewayError::MissingCredentials)
+        ));
+    }
+
+    #[test]
+    fn other_schemes_and_empty_tokens_are_invalid() {
+        for value in ["Basic abc", "Bearer", "Bearer ", "Token abc"] {
+            assert!(
+                matches!(
+                    bearer_token(&headers(value)),
+                    Err(GatewayError::InvalidCredentials(_))
+                ),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_decoding() {
+        let value = format!("Bearer {}", "a".repeat(MAX_AUTHORIZATION_BYTES));
+        match bearer_token(&headers(&value)) {
+            Err(GatewayError::InvalidCredentials(reason)) => assert!(reason.contains("too large")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

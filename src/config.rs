@@ -1,0 +1,512 @@
+//! Configuration: the TOML file (plus `KOODRIVE_GATEWAY__SECTION__KEY`
+//! environment overrides) → a validated, typed [`Config`]. Fails closed:
+//! unknown keys, unsupported sections and bad values are errors that name
+//! the key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use jsonwebtoken::Algorithm;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// Prefix of environment overrides: `KOODRIVE_GATEWAY__UPSTREAM__TIMEOUT_MS=500`.
+pub const ENV_PREFIX: &str = "KOODRIVE_GATEWAY__";
+
+/// A configuration that failed to load or validate; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or did not match the schema.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A value is present but wrong.
+    #[error("`{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// File schema (what operators write). Defaults live here.
+// ---------------------------------------------------------------------------
+
+/// The configuration file as written, with defaults filled in.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: FileServer,
+    pub upstream: FileUpstream,
+    pub auth: FileAuth,
+    pub token: FileToken,
+    #[serde(default, skip_serializing)]
+    cache: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    rate_limit: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    audit: Option<IgnoredAny>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    pub listen: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// When set, missing development material (CA, server certificate, JWT
+    /// signing key and JWKS) is created in this directory at start-up.
+    pub dev_certs_dir: Option<PathBuf>,
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    #[serde(default, skip_serializing)]
+    admin_listen: Option<IgnoredAny>,
+}
+
+/// `[upstream]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub base_url: String,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "defaults::max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+/// `[auth]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    #[serde(default = "defaults::principal_claim")]
+    pub principal_claim: String,
+    #[serde(default = "defaults::user_id_claim")]
+    pub user_id_claim: String,
+    #[serde(default = "defaults::algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "defaults::leeway_s")]
+    pub leeway_s: u64,
+}
+
+/// `[token]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileToken {
+    pub mode: String,
+    pub static_tokens_file: Option<PathBuf>,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_env: Option<String>,
+}
+
+mod defaults {
+    pub fn shutdown_grace_ms() -> u64 {
+        10_000
+    }
+    pub fn timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn max_response_bytes() -> usize {
+        8 * 1024 * 1024
+    }
+    pub fn principal_claim() -> String {
+        "sub".into()
+    }
+    pub fn user_id_claim() -> String {
+        "koodrive_uid".into()
+    }
+    pub fn algorithms() -> Vec<String> {
+        vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+    }
+    pub fn leeway_s() -> u64 {
+        60
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration (what the gateway uses).
+// ---------------------------------------------------------------------------
+
+/// The validated configuration the gateway is built from.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub token: TokenConfig,
+}
+
+/// Where and how the gateway listens.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Certificate chain and key; `None` means plain HTTP.
+    pub tls: Option<TlsFiles>,
+    pub dev_certs_dir: Option<PathBuf>,
+    /// How long in-flight requests may finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// PEM files of the server certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The KooDrive upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub target: UpstreamTarget,
+    /// An extra trust root (PEM) for the upstream's certificate.
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+/// Where requests are forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    /// The built-in emulator, started in-process on a loopback port.
+    Embedded,
+    /// A real base URL (`https://…`, or `http://` on loopback).
+    Url(http::Uri),
+}
+
+/// Inbound JWT verification.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: PathBuf,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub principal_claim: String,
+    pub user_id_claim: String,
+}
+
+/// How KooDrive access tokens are obtained.
+#[derive(Clone, Debug)]
+pub enum TokenConfig {
+    /// A JSON file mapping KooDrive user id → access token.
+    Static { tokens_file: PathBuf },
+}
+
+impl Config {
+    /// Loads `path`, applies environment overrides and validates.
+    pub fn load(path: &Path) -> Result<(Config, FileConfig), ConfigError> {
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Parses a TOML document without environment overrides (tests).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text))).map(|(config, _)| config)
+    }
+
+    fn from_figment(figment: Figment) -> Result<(Config, FileConfig), ConfigError> {
+        let file: FileConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let config = Config::validate(&file)?;
+        Ok((config, file))
+    }
+
+    fn validate(file: &FileConfig) -> Result<Config, ConfigError> {
+        for (present, key) in [
+            (file.cache.is_some(), "cache"),
+            (file.rate_limit.is_some(), "rate_limit"),
+            (file.audit.is_some(), "audit"),
+            (file.server.admin_listen.is_some(), "server.admin_listen"),
+        ] {
+            if present {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "not supported yet by this version; remove it".into(),
+                });
+            }
+        }
+        Ok(Config {
+            server: validate_server(&file.server)?,
+            upstream: validate_upstream(&file.upstream)?,
+            auth: validate_auth(&file.auth)?,
+            token: validate_token(&file.token)?,
+        })
+    }
+}
+
+fn validate_server(s: &FileServer) -> Result<ServerConfig, ConfigError> {
+    let listen = s.listen.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            "expected an address such as 127.0.0.1:8443",
+        )
+    })?;
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("server.tls_key", "required when tls_cert is set")),
+        (None, Some(_)) => return Err(invalid("server.tls_cert", "required when tls_key is set")),
+    };
+    Ok(ServerConfig {
+        listen,
+        tls,
+        dev_certs_dir: s.dev_certs_dir.clone(),
+        shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+    })
+}
+
+fn validate_upstream(u: &FileUpstream) -> Result<UpstreamConfig, ConfigError> {
+    let target = if u.base_url == "embedded" {
+        UpstreamTarget::Embedded
+    } else {
+        let uri = parse_url("upstream.base_url", &u.base_url)?;
+        if uri.query().is_some() {
+            return Err(invalid("upstream.base_url", "must not contain a query"));
+        }
+        UpstreamTarget::Url(uri)
+    };
+    if u.timeout_ms == 0 {
+        return Err(invalid("upstream.timeout_ms", "must be greater than 0"));
+    }
+    if u.max_response_bytes < 1024 {
+        return Err(invalid(
+            "upstream.max_response_bytes",
+            "must be at least 1024",
+        ));
+    }
+    Ok(UpstreamConfig {
+        target,
+        ca_file: u.ca_file.clone(),
+        timeout: Duration::from_millis(u.timeout_ms),
+        max_response_bytes: u.max_response_bytes,
+    })
+}
+
+fn validate_auth(a: &FileAuth) -> Result<AuthConfig, ConfigError> {
+    if a.jwks_url.is_some() {
+        return Err(invalid(
+            "auth.jwks_url",
+            "not supported yet by this version; use auth.jwks_file",
+        ));
+    }
+    let jwks_file = a
+        .jwks_file
+        .clone()
+        .ok_or_else(|| invalid("auth.jwks_file", "required"))?;
+    for (key, value) in [
+        ("auth.issuer", &a.issuer),
+        ("auth.audience", &a.audience),
+        ("auth.principal_claim", &a.principal_claim),
+        ("auth.user_id_claim", &a.user_id_claim),
+    ] {
+        if value.trim().is_empty() {
+            return Err(invalid(key, "must not be empty"));
+        }
+    }
+    let algorithms = a
+        .algorithms
+        .iter()
+        .map(|name| parse_algorithm(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    if algorithms.is_empty() {
+        return Err(invalid(
+            "auth.algorithms",
+            "must list at least one algorithm",
+        ));
+    }
+    Ok(AuthConfig {
+        issuer: a.issuer.clone(),
+        audience: a.audience.clone(),
+        jwks_file,
+        algorithms,
+        leeway: Duration::from_secs(a.leeway_s),
+        principal_claim: a.principal_claim.clone(),
+        user_id_claim: a.user_id_claim.clone(),
+    })
+}
+
+/// Only asymmetric algorithms: a JWKS holds public keys, and accepting HMAC
+/// would let a public key double as a shared secret (RFC 8725 §2.1).
+fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
+    use Algorithm::*;
+    match name.parse::<Algorithm>() {
+        Ok(alg @ (RS256 | RS384 | RS512 | PS256 | PS384 | PS512 | ES256 | ES384 | EdDSA)) => Ok(alg),
+        _ => Err(invalid(
+            "auth.algorithms",
+            format!("`{name}` is not an accepted algorithm (RS256/384/512, PS256/384/512, ES256/384, EdDSA)"),
+        )),
+    }
+}
+
+fn validate_token(t: &FileToken) -> Result<TokenConfig, ConfigError> {
+    match t.mode.as_str() {
+        "static" => {
+            for (set, key) in [
+                (t.token_url.is_some(), "token.token_url"),
+                (t.client_id.is_some(), "token.client_id"),
+                (t.client_secret_env.is_some(), "token.client_secret_env"),
+            ] {
+                if set {
+                    return Err(invalid(key, "only used when token.mode = \"exchange\""));
+                }
+            }
+            let tokens_file = t.static_tokens_file.clone().ok_or_else(|| {
+                invalid(
+                    "token.static_tokens_file",
+                    "required when token.mode = \"static\"",
+                )
+            })?;
+            Ok(TokenConfig::Static { tokens_file })
+        }
+        "exchange" => Err(invalid(
+            "token.mode",
+            "\"exchange\" is not supported yet by this version; use \"static\"",
+        )),
+        other => Err(invalid(
+            "token.mode",
+            format!("`{other}` is not one of \"static\", \"exchange\""),
+        )),
+    }
+}
+
+/// Parses a URL that must be `https://`, or `http://` on a loopback host.
+pub fn parse_url(key: &'static str, text: &str) -> Result<http::Uri, ConfigError> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| invalid(key, "not a valid absolute URL"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| invalid(key, "not an absolute URL with a host"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if is_loopback(host) => Ok(uri),
+        Some("http") => Err(invalid(
+            key,
+            "plain http:// is accepted only for loopback hosts",
+        )),
+        _ => Err(invalid(key, "scheme must be https://")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+        [server]
+        listen = "127.0.0.1:8443"
+        tls_cert = "certs/dev/server.crt"
+        tls_key = "certs/dev/server.key"
+        [upstream]
+        base_url = "embedded"
+        [auth]
+        issuer = "iss"
+        audience = "aud"
+        jwks_file = "certs/dev/jwks.json"
+        [token]
+        mode = "static"
+        static_tokens_file = "config/koodrive-tokens.json"
+    "#;
+
+    fn with(replace: &str, by: &str) -> Result<Config, ConfigError> {
+        assert!(VALID.contains(replace), "{replace}");
+        Config::from_toml(&VALID.replace(replace, by))
+    }
+
+    fn error_of(replace: &str, by: &str) -> String {
+        with(replace, by).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_file_gets_defaults() {
+        let config = Config::from_toml(VALID).unwrap();
+        assert_eq!(config.upstream.target, UpstreamTarget::Embedded);
+        assert_eq!(config.upstream.timeout, Duration::from_secs(10));
+        assert_eq!(config.auth.principal_claim, "sub");
+        assert_eq!(config.auth.user_id_claim, "koodrive_uid");
+        assert_eq!(
+            config.auth.algorithms,
+            vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+        );
+        assert!(config.server.tls.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = error_of("[upstream]", "[upstream]\ntimeout_msec = 5");
+        assert!(err.contains("timeout_msec"), "{err}");
+        let err = error_of("[token]", "[bogus]\nx = 1\n[token]");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_sections_say_so() {
+        let err = error_of("[token]", "[cache]\nttl_ms = 5\n[token]");
+        assert!(
+            err.contains("`cache`") && err.contains("not supported yet"),
+            "{err}"
+        );
+        let err = error_of("mode = \"static\"", "mode = \"exchange\"");
+        assert!(err.contains("token.mode"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(error_of("127.0.0.1:8443", "nonsense").contains("server.listen"));
+        assert!(error_of("\"embedded\"", "\"http://example.com\"").contains("upstream.base_url"));
+        assert!(error_of("\"embedded\"", "\"ftp://127.0.0.1\"").contains("upstream.base_url"));
+        assert!(error_of("tls_key = \"certs/dev/server.key\"", "").contains("server.tls_key"));
+        assert!(error_of("[auth]", "[auth]\nalgorithms = [\"HS256\"]").contains("auth.algorithms"));
+        assert!(
+            error_of("[upstream]", "[upstream]\ntimeout_ms = 0").contains("upstream.timeout_ms")
+        );
+        assert!(error_of("issuer = \"iss\"", "issuer = \" \"").contains("auth.issuer"));
+    }
+
+    #[test]
+    fn loopback_http_is_accepted_and_https_anywhere() {
+        for ok in [
+            "http://127.0.0.1:9000",
+            "http://localhost:1",
+            "http://[::1]:8080",
+            "https://koodrive.example.com",
+        ] {
+            assert!(parse_url("k", ok).is_ok(), "{ok}");
+        }
+        assert!(parse_url("k", "http://10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn missing_tls_means_plain_http() {
+        let text = VALID
+            .replace("tls_cert = \"certs/dev/server.crt\"", "")
+            .replace("tls_key = \"certs/dev/server.key\"", "");
+        assert!(Config::from_toml(&text).unwrap().server.tls.is_none());
+    }
+}

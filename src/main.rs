@@ -1,0 +1,177 @@
+//! The `koodrive-gateway` binary: arguments, logging, config, run.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use koodrive_gateway::config::{Config, TokenConfig, DEFAULT_CONFIG_PATH};
+use koodrive_gateway::emulator::Emulator;
+use koodrive_gateway::server::tls::install_default_providers;
+use koodrive_gateway::token::TokenSource;
+use koodrive_gateway::{devcerts, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "koodrive-gateway",
+    version,
+    about = "Authenticating gateway for KooDrive's List batch tasks API"
+)]
+struct Cli {
+    /// Configuration file (for `serve`, the default command).
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the configuration and print it with defaults filled in.
+    CheckConfig,
+    /// Run the KooDrive emulator alone.
+    Emulator {
+        /// Address to listen on (plain HTTP).
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        listen: SocketAddr,
+        /// JSON file of access tokens it accepts: {"<user id>": "<token>"}.
+        #[arg(long, default_value = "config/koodrive-tokens.json")]
+        tokens: PathBuf,
+    },
+    /// Print an internal JWT signed with the development key.
+    DevToken {
+        /// KooDrive user id (the `auth.user_id_claim` claim).
+        #[arg(long)]
+        user: String,
+        /// Principal (the `auth.principal_claim` claim).
+        #[arg(long, default_value = "dev-app")]
+        sub: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    install_default_providers();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config).await,
+        Command::CheckConfig => check_config(&cli.config),
+        Command::Emulator { listen, tokens } => emulator(listen, &tokens).await,
+        Command::DevToken { user, sub, ttl } => dev_token(&cli.config, &user, &sub, ttl),
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &Path) -> Result<(Config, koodrive_gateway::config::FileConfig)> {
+    Config::load(path).with_context(|| format!("invalid configuration {}", path.display()))
+}
+
+async fn serve(path: &Path) -> Result<()> {
+    let (config, _) = load(path)?;
+    let gateway = Gateway::build(&config).await?;
+    let addr = gateway.local_addr()?;
+    let scheme = if gateway.is_tls() { "https" } else { "http" };
+    if let Some(emulator) = gateway.emulator() {
+        tracing::info!(upstream = %emulator.base_url(), "embedded KooDrive emulator running");
+    }
+    tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
+    gateway.run(shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn check_config(path: &Path) -> Result<()> {
+    let (_, file) = load(path)?;
+    // The file holds no secret values (only the names of variables that
+    // do), so it can be printed as it is.
+    println!("{}", toml::to_string_pretty(&file)?);
+    eprintln!("{}: OK", path.display());
+    Ok(())
+}
+
+async fn emulator(listen: SocketAddr, tokens: &Path) -> Result<()> {
+    let source = TokenSource::from_static_file(tokens)?;
+    let emulator = Emulator::start(listen, None).await?;
+    for (user, token) in source.static_grants() {
+        emulator.grant(token.expose(), &user);
+    }
+    tracing::info!(url = %emulator.base_url(), "KooDrive emulator listening on {}", emulator.base_url());
+    shutdown_signal().await;
+    Ok(())
+}
+
+fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
+    let (config, _) = load(path)?;
+    let Some(dir) = &config.server.dev_certs_dir else {
+        bail!(
+            "dev-token needs `server.dev_certs_dir` in {}",
+            path.display()
+        );
+    };
+    // The static token map is what the embedded emulator accepts: warn early.
+    let TokenConfig::Static { tokens_file } = &config.token;
+    if let Ok(TokenSource::Static(map)) = TokenSource::from_static_file(tokens_file) {
+        if !map.contains_key(user) {
+            eprintln!(
+                "warning: user `{user}` has no token in {}",
+                tokens_file.display()
+            );
+        }
+    }
+    devcerts::ensure(dir)?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = serde_json::json!({
+        "iss": config.auth.issuer,
+        "aud": config.auth.audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+    });
+    claims[&config.auth.principal_claim] = sub.into();
+    claims[&config.auth.user_id_claim] = user.into();
+    println!("{}", devcerts::sign_dev_token(dir, &claims)?);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,185 @@
+//! The request flow of DESIGN.md, in order, one line per step. Every exit
+//! goes through [`Pipeline::handle`], which normalizes errors and stamps
+//! `X-Traceid` on the response.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{HeaderName, Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Body;
+
+use crate::auth::{Principal, Verifier};
+use crate::error::GatewayError;
+use crate::jobs::{JobsQuery, JOBS_PATH};
+use crate::language::Language;
+use crate::token::TokenSource;
+use crate::trace_id::{TraceId, X_TRACEID};
+use crate::upstream::{Forward, Upstream};
+
+/// The gateway's request handling, built once from config.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub(crate) verifier: Verifier,
+    pub(crate) tokens: TokenSource,
+    pub(crate) upstream: Upstream,
+}
+
+impl Pipeline {
+    /// Handles one request; never fails: errors become normalized responses.
+    pub async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let trace_id = TraceId::from_headers(request.headers());
+        let mut principal = None;
+        let mut response = match self.process(&request, &trace_id, &mut principal).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(trace_id = %trace_id.as_str(), side = error.side(), cause = %error, "request failed");
+                error.into_response(&trace_id)
+            }
+        };
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
+        tracing::info!(
+            trace_id = %trace_id.as_str(),
+            principal = principal.as_ref().map(|p: &Principal| p.subject.as_str()).unwrap_or("-"),
+            method = %request.method(),
+            path = %request.uri().path(),
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn process<B: Body>(
+        &self,
+        request: &Request<B>,
+        trace_id: &TraceId,
+        principal_out: &mut Option<Principal>,
+    ) -> Result<Response<Full<Bytes>>, GatewayError> {
+        // Route first: unknown paths and methods need no credentials to refuse.
+        route(request)?;
+        // Authenticate before looking at the query, so the schema is not an
+        // oracle for unauthenticated callers.
+        let principal = principal_out.insert(self.verifier.verify(request.headers())?);
+        let query = JobsQuery::parse(request.uri().query())?;
+        let language = Language::from_headers(request.headers())?;
+        // Token after validation: a bad request never costs a token exchange.
+        let token = self.tokens.token_for(principal).await?;
+        let body = self
+            .upstream
+            .fetch_jobs(&Forward {
+                query: &query,
+                user_id: &principal.user_id,
+                token: &token,
+                trace_id,
+                language: &language,
+            })
+            .await?;
+        Ok(json_response(body))
+    }
+}
+
+/// 404 for other paths, 405 for other methods, 400 for a body on the GET.
+fn route<B: Body>(request: &Request<B>) -> Result<(), GatewayError> {
+    if request.uri().path() != JOBS_PATH {
+        return Err(GatewayError::NotFound);
+    }
+    if request.method() != Method::GET {
+        return Err(GatewayError::MethodNotAllowed);
+    }
+    if has_body(request) {
+        return Err(GatewayError::BodyNotAllowed);
+    }
+    Ok(())
+}
+
+fn has_body<B: Body>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || headers.contains_key(TRANSFER_ENCODING);
+    let body = request.body();
+    declared || (!body.is_end_stream() && body.size_hint().exact() != Some(0))
+}
+
+fn json_response(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Per-user data: shared caches between client and gateway must not keep it.
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+
+    fn request(method: Method, uri: &str) -> Request<Empty<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    #[test]
+    fn other_paths_are_not_found() {
+        for path in [
+            "/",
+            "/koodrive/ose/v1/jobs/",
+            "/koodrive/ose/v1/job",
+            "/KOODRIVE/ose/v1/jobs",
+        ] {
+            assert!(
+                matches!(
+                    route(&request(Method::GET, path)),
+                    Err(GatewayError::NotFound)
+                ),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_methods_are_not_allowed() {
+        for method in [
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::PATCH,
+        ] {
+            assert!(matches!(
+                route(&request(method.clone(), JOBS_PATH)),
+                Err(GatewayError::MethodNotAllowed)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_body_on_the_get_is_rejected() {
+        let with_body = Request::get(JOBS_PATH)
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert!(matches!(
+            route(&with_body),
+            Err(GatewayError::BodyNotAllowed)
+        ));
+        let mut declared = request(Method::GET, JOBS_PATH);
+        declared
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("10"));
+        assert!(matches!(
+            route(&declared),
+            Err(GatewayError::BodyNotAllowed)
+        ));
+        assert!(route(&request(Method::GET, JOBS_PATH)).is_ok());
+    }
+}

@@ -1,0 +1,160 @@
+//! KooDrive access tokens for a principal: the "token" step of the flow.
+//! This version has the static source (a file mapping KooDrive user id →
+//! token); the exchange source builds on the same interface.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::auth::Principal;
+use crate::error::GatewayError;
+
+/// A KooDrive access token. Its `Debug` never shows the value, so it cannot
+/// reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(Arc<str>);
+
+impl AccessToken {
+    /// Wraps a token value.
+    pub fn new(value: impl Into<Arc<str>>) -> AccessToken {
+        AccessToken(value.into())
+    }
+
+    /// The secret value, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
+/// A static token file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: expected a JSON object {{\"<user id>\": \"<token>\"}}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: the token for user `{user}` is not a valid header value")]
+    BadToken { path: String, user: String },
+}
+
+/// Where KooDrive tokens come from.
+pub enum TokenSource {
+    /// Fixed tokens per KooDrive user id.
+    Static(HashMap<String, AccessToken>),
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::Static(map) => write!(f, "TokenSource::Static({} users)", map.len()),
+        }
+    }
+}
+
+impl TokenSource {
+    /// Loads a static token file: `{"<user id>": "<token>", …}`.
+    pub fn from_static_file(path: &Path) -> Result<TokenSource, TokenFileError> {
+        let display = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| TokenFileError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let map: HashMap<String, String> =
+            serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Parse {
+                path: display.clone(),
+                source,
+            })?;
+        let mut tokens = HashMap::with_capacity(map.len());
+        for (user, token) in map {
+            if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
+            {
+                return Err(TokenFileError::BadToken {
+                    path: display,
+                    user,
+                });
+            }
+            tokens.insert(user, AccessToken::new(token));
+        }
+        Ok(TokenSource::Static(tokens))
+    }
+
+    /// The KooDrive token to use for this principal's requests.
+    pub async fn token_for(&self, principal: &Principal) -> Result<AccessToken, GatewayError> {
+        match self {
+            TokenSource::Static(map) => map
+                .get(&principal.user_id)
+                .cloned()
+                .ok_or(GatewayError::UserNotProvisioned),
+        }
+    }
+
+    /// Every (user id, token) pair a static source holds; used to provision
+    /// the embedded emulator with the same credentials.
+    pub fn static_grants(&self) -> Vec<(String, AccessToken)> {
+        match self {
+            TokenSource::Static(map) => map.iter().map(|(u, t)| (u.clone(), t.clone())).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(user: &str) -> Principal {
+        Principal {
+            subject: "app".into(),
+            user_id: user.into(),
+        }
+    }
+
+    fn source(json: &str) -> Result<TokenSource, TokenFileError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        std::fs::write(&path, json).unwrap();
+        TokenSource::from_static_file(&path)
+    }
+
+    #[tokio::test]
+    async fn static_source_maps_user_ids_to_tokens() {
+        let source = source(r#"{"u1": "t1", "u2": "t2"}"#).unwrap();
+        assert_eq!(
+            source.token_for(&principal("u2")).await.unwrap().expose(),
+            "t2"
+        );
+        assert!(matches!(
+            source.token_for(&principal("u3")).await,
+            Err(GatewayError::UserNotProvisioned)
+        ));
+    }
+
+    #[test]
+    fn tokens_that_cannot_be_headers_are_refused() {
+        assert!(matches!(
+            source(r#"{"u1": "line\nbreak"}"#),
+            Err(TokenFileError::BadToken { .. })
+        ));
+        assert!(matches!(source("[1,2]"), Err(TokenFileError::Parse { .. })));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let token = AccessToken::new("very-secret");
+        assert!(!format!("{token:?}").contains("very-secret"));
+    }
+}

@@ -1,0 +1,329 @@
+//! The upstream request: built from an allow-list (never by copying the
+//! client's request), stamped with `X-Date` at send time, sent over a pooled
+//! rustls client with a timeout, and its answer normalized into the body to
+//! return or a [`GatewayError`].
+//!
+//! Because both directions are built from allow-lists, hop-by-hop headers
+//! (RFC 9110 §7.6.1: `Connection` and the fields it names, `Keep-Alive`,
+//! `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`) never cross the gateway.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+use crate::error::GatewayError;
+use crate::jobs::{JobsQuery, JOBS_PATH};
+use crate::language::{Language, LANGUAGE};
+use crate::token::AccessToken;
+use crate::trace_id::{TraceId, X_TRACEID};
+
+/// `X-User-Id`: the KooDrive user the request acts for.
+pub const X_USER_ID: &str = "x-user-id";
+/// `X-Date`: when the request was sent, `yyyyMMdd'T'HHmmss'Z'` UTC.
+pub const X_DATE: &str = "x-date";
+/// Longest upstream error message passed on to the client.
+const MAX_MSG_CHARS: usize = 512;
+
+/// Everything the upstream request is built from.
+#[derive(Debug)]
+pub struct Forward<'a> {
+    pub query: &'a JobsQuery,
+    pub user_id: &'a str,
+    pub token: &'a AccessToken,
+    pub trace_id: &'a TraceId,
+    pub language: &'a Language,
+}
+
+/// The KooDrive upstream: base URL, pooled client, limits.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    jobs_url: String,
+    timeout: Duration,
+    max_body: usize,
+}
+
+impl Upstream {
+    /// A client for `base` (scheme, authority and optional path prefix).
+    pub fn new(
+        base: &Uri,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Upstream {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        let prefix = base.path().trim_end_matches('/');
+        let jobs_url = format!(
+            "{}://{}{prefix}{JOBS_PATH}",
+            base.scheme_str().unwrap_or("https"),
+            base.authority().map(|a| a.as_str()).unwrap_or_default(),
+        );
+        Upstream {
+            client,
+            jobs_url,
+            timeout,
+            max_body,
+        }
+    }
+
+    /// Sends one jobs request and returns KooDrive's success body verbatim.
+    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Result<Bytes, GatewayError> {
+        let request = self.build_request(forward)?;
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(classify)?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), self.max_body)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        GatewayError::UpstreamBadResponse("response body too large".into())
+                    } else {
+                        GatewayError::UpstreamConnectionLost(e)
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, GatewayError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)??;
+        normalize(status, body)
+    }
+
+    fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Empty<Bytes>>, GatewayError> {
+        let uri = format!("{}?{}", self.jobs_url, forward.query.canonical());
+        let header = |value: &str| {
+            HeaderValue::from_str(value)
+                .map_err(|_| GatewayError::Internal("unrepresentable upstream header".into()))
+        };
+        let mut authorization = header(&format!("Bearer {}", forward.token.expose()))?;
+        authorization.set_sensitive(true);
+        let mut request = Request::get(uri)
+            .body(Empty::new())
+            .map_err(|_| GatewayError::Internal("unrepresentable upstream URI".into()))?;
+        let headers = request.headers_mut();
+        headers.insert(AUTHORIZATION, authorization);
+        headers.insert(HeaderName::from_static(X_USER_ID), header(forward.user_id)?);
+        headers.insert(
+            HeaderName::from_static(X_TRACEID),
+            forward.trace_id.header_value(),
+        );
+        headers.insert(
+            HeaderName::from_static(LANGUAGE),
+            header(forward.language.as_str())?,
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("koodrive-gateway/", env!("CARGO_PKG_VERSION"))),
+        );
+        // Last, so nothing between stamping and sending can age it.
+        headers.insert(
+            HeaderName::from_static(X_DATE),
+            header(&x_date(OffsetDateTime::now_utc()))?,
+        );
+        Ok(request)
+    }
+}
+
+/// Formats `X-Date`: `yyyyMMdd'T'HHmmss'Z'` in UTC, e.g. `20251103T070140Z`.
+pub fn x_date(at: OffsetDateTime) -> String {
+    let format = format_description!("[year][month][day]T[hour][minute][second]Z");
+    at.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .unwrap_or_default()
+}
+
+fn classify(error: hyper_util::client::legacy::Error) -> GatewayError {
+    if error.is_connect() {
+        GatewayError::UpstreamUnreachable(Box::new(error))
+    } else {
+        GatewayError::UpstreamConnectionLost(Box::new(error))
+    }
+}
+
+/// KooDrive's `code`: a number in its example, a string in its schema.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Code {
+    Number(i64),
+    Text(String),
+}
+
+impl Code {
+    fn into_string(self) -> String {
+        match self {
+            Code::Number(n) => n.to_string(),
+            Code::Text(s) => s,
+        }
+    }
+}
+
+/// KooDrive's error body: `{code, msg}`.
+#[derive(Deserialize)]
+struct KooDriveError {
+    code: Code,
+    #[serde(default)]
+    msg: String,
+}
+
+/// KooDrive's success body: `{code: 0, msg, data: [JobInfo…]}`.
+#[derive(Deserialize)]
+struct KooDriveSuccess {
+    code: Code,
+    #[serde(default)]
+    msg: String,
+    #[allow(dead_code)]
+    data: Vec<serde_json::Value>,
+}
+
+/// Maps KooDrive's answer to the body to return or the error to raise.
+fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
+    let bad = |what: &str| GatewayError::UpstreamBadResponse(format!("status {status}: {what}"));
+    let error_body = || serde_json::from_slice::<KooDriveError>(&body).ok();
+    match status.as_u16() {
+        200 => {
+            let parsed: KooDriveSuccess = serde_json::from_slice(&body)
+                .map_err(|_| bad("body is not KooDrive's success shape"))?;
+            let code = parsed.code.into_string();
+            if code == "0" {
+                Ok(body)
+            } else {
+                Err(GatewayError::UpstreamFailed {
+                    code,
+                    msg: clean_msg(&parsed.msg),
+                })
+            }
+        }
+        400 => Err(error_body()
+            .map(|e| GatewayError::UpstreamRejectedRequest {
+                code: e.code.into_string(),
+                msg: clean_msg(&e.msg),
+            })
+            .unwrap_or_else(|| bad("unparseable error body"))),
+        401 | 403 => Err(GatewayError::UpstreamCredentialsRejected {
+            status: status.as_u16(),
+            code: error_body()
+                .map(|e| clean_msg(&e.code.into_string()))
+                .unwrap_or_else(|| "none".into()),
+        }),
+        500..=599 => Err(error_body()
+            .map(|e| GatewayError::UpstreamFailed {
+                code: e.code.into_string(),
+                msg: clean_msg(&e.msg),
+            })
+            .unwrap_or_else(|| bad("unparseable error body"))),
+        _ => Err(bad("unexpected status")),
+    }
+}
+
+/// Upstream text passed to the client: printable, bounded.
+fn clean_msg(msg: &str) -> String {
+    msg.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_MSG_CHARS)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(status: u16, body: &str) -> Result<Bytes, GatewayError> {
+        normalize(
+            StatusCode::from_u16(status).unwrap(),
+            Bytes::from(body.to_owned()),
+        )
+    }
+
+    #[test]
+    fn x_date_has_the_documented_format() {
+        let at = time::macros::datetime!(2025-11-03 07:01:40 UTC);
+        assert_eq!(x_date(at), "20251103T070140Z");
+        let offset = time::macros::datetime!(2025-11-03 15:01:40 +08:00);
+        assert_eq!(x_date(offset), "20251103T070140Z");
+    }
+
+    #[test]
+    fn success_body_passes_through_verbatim() {
+        let body = r#"{"code":0,"msg":"OK","data":[]}"#;
+        assert_eq!(run(200, body).unwrap(), Bytes::from(body));
+        assert!(run(200, r#"{"code":"0","msg":"OK","data":[{"taskId":"1"}]}"#).is_ok());
+    }
+
+    #[test]
+    fn garbage_html_and_empty_bodies_are_bad_responses() {
+        for (status, body) in [
+            (200, "<html>oops</html>"),
+            (200, ""),
+            (200, r#"{"code":0}"#),
+            (500, "<html><body>Internal Server Error</body></html>"),
+            (400, "nonsense"),
+            (404, r#"{"code":404,"msg":"nope"}"#),
+        ] {
+            assert!(
+                matches!(run(status, body), Err(GatewayError::UpstreamBadResponse(_))),
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_codes_are_kept_as_strings() {
+        match run(400, r#"{"code":40001,"msg":"bad limit"}"#) {
+            Err(GatewayError::UpstreamRejectedRequest { code, msg }) => {
+                assert_eq!((code.as_str(), msg.as_str()), ("40001", "bad limit"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match run(500, r#"{"code":"KD500","msg":"down"}"#) {
+            Err(GatewayError::UpstreamFailed { code, .. }) => assert_eq!(code, "KD500"),
+            other => panic!("{other:?}"),
+        }
+        match run(200, r#"{"code":3,"msg":"busy","data":[]}"#) {
+            Err(GatewayError::UpstreamFailed { code, .. }) => assert_eq!(code, "3"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_401_is_a_gateway_credential_problem_not_the_callers() {
+        let err = run(401, r#"{"code":"401","msg":"token invalid"}"#).unwrap_err();
+        assert_eq!(err.render().status, StatusCode::BAD_GATEWAY);
+        assert_eq!(err.render().code, "upstream_credentials_rejected");
+        let err = run(403, "").unwrap_err();
+        assert_eq!(err.render().code, "upstream_credentials_rejected");
+    }
+
+    #[test]
+    fn upstream_messages_are_bounded_and_printable() {
+        let long = format!(r#"{{"code":1,"msg":"{}\u0007"}}"#, "x".repeat(2000));
+        match run(500, &long) {
+            Err(GatewayError::UpstreamFailed { msg, .. }) => {
+                assert_eq!(msg.len(), MAX_MSG_CHARS);
+                assert!(!msg.contains('\u{7}'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
