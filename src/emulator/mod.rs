@@ -237,46 +237,48 @@ async fn handle(state: &State, request: Request<Incoming>) -> Result<Reply, Drop
         }
         Fault::DropConnection => return Err(Dropped),
     }
-    Ok(answer_jobs(state, &request).unwrap_or_else(|rejection| rejection))
+    Ok(answer_jobs(state, &request))
 }
 
 /// The real API's checks, in order: credentials (401), then parameters (400).
-fn answer_jobs(state: &State, request: &Request<Incoming>) -> Result<Reply, Reply> {
-    let headers = request.headers();
-    let unauthorized = |msg: &str| koodrive_error(StatusCode::UNAUTHORIZED, json!("401"), msg);
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .ok_or_else(|| unauthorized("missing or malformed Authorization"))?;
-    let user_of_token = lock(&state.tokens)
-        .get(token)
-        .cloned()
-        .ok_or_else(|| unauthorized("invalid access token"))?;
-    let user_id = headers
-        .get("x-user-id")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("missing X-User-Id"))?;
-    if user_id != user_of_token {
-        return Err(unauthorized("X-User-Id does not match the access token"));
-    }
-    let x_date = headers
-        .get("x-date")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("missing X-Date"))?;
-    check_x_date(x_date, OffsetDateTime::now_utc()).map_err(unauthorized)?;
-
-    let params = Params::parse(request.uri().query().unwrap_or(""))
-        .map_err(|msg| koodrive_error(StatusCode::BAD_REQUEST, json!(400), &msg))?;
+fn answer_jobs(state: &State, request: &Request<Incoming>) -> Reply {
+    let user_id = match authenticate(state, request.headers()) {
+        Ok(user_id) => user_id,
+        Err(msg) => return koodrive_error(StatusCode::UNAUTHORIZED, json!("401"), msg),
+    };
+    let params = match Params::parse(request.uri().query().unwrap_or("")) {
+        Ok(params) => params,
+        Err(msg) => return koodrive_error(StatusCode::BAD_REQUEST, json!(400), &msg),
+    };
     let jobs = data::page(
-        user_id,
+        &user_id,
         params.offset,
         params.limit,
         params.job_type,
         params.status,
     );
     let body = json!({"code": 0, "msg": "OK", "data": jobs});
-    Ok(raw(StatusCode::OK, "application/json", &body.to_string()))
+    raw(StatusCode::OK, "application/json", &body.to_string())
+}
+
+/// The user the request may act for: a known Bearer token, `X-User-Id`
+/// equal to the token's user, and a fresh `X-Date`.
+fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, &'static str> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let token = header(AUTHORIZATION.as_str())
+        .and_then(bearer)
+        .ok_or("missing or malformed Authorization")?;
+    let user_of_token = lock(&state.tokens)
+        .get(token)
+        .cloned()
+        .ok_or("invalid access token")?;
+    let user_id = header("x-user-id").ok_or("missing X-User-Id")?;
+    if user_id != user_of_token {
+        return Err("X-User-Id does not match the access token");
+    }
+    let x_date = header("x-date").ok_or("missing X-Date")?;
+    check_x_date(x_date, OffsetDateTime::now_utc())?;
+    Ok(user_of_token)
 }
 
 /// The token of `Bearer <t>` or of the doc's literal `Bearer+<t>`.

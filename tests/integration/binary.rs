@@ -1,0 +1,160 @@
+//! The README's path through the real binary: `serve` on the demo config
+//! (embedded emulator, dev certificates created on first start), a token
+//! from `dev-token`, and the curl-equivalent request over TLS.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Version};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_koodrive-gateway");
+
+/// A scratch working directory holding a copy of the repository's `config/`.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    for entry in std::fs::read_dir(source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(
+            entry.path(),
+            dir.path().join("config").join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_readme_demo_works_through_the_binary() {
+    let dir = workdir();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // Collect the log; find the bound address in it.
+    let log = Arc::new(Mutex::new(String::new()));
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let collected = log.clone();
+    tokio::spawn(async move {
+        let mut addr_tx = Some(addr_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                if let Some(tx) = addr_tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+            let mut log = collected.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(60), addr_rx)
+        .await
+        .expect("gateway did not start")
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+
+    let out = run(dir.path(), &["dev-token", "--user", "u-1001"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwt = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(jwt.split('.').count(), 3);
+
+    // Private keys were created 0600 and the CA is usable by clients.
+    let ca = dir.path().join("certs/dev/ca.crt");
+    let client = crate::support::client(&ca, Version::HTTP_2);
+    let request = Request::get(format!(
+        "https://localhost:{port}/koodrive/ose/v1/jobs?offset=0&limit=2"
+    ))
+    .header("authorization", format!("Bearer {jwt}"))
+    .body(Full::default())
+    .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["code"], 0);
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+
+    child.kill().await.unwrap();
+    // Let the reader drain what was written before the kill.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("status=200"), "request not logged: {log}");
+    assert!(!log.contains(&jwt), "JWT in the log");
+    assert!(
+        !log.contains("dev-koodrive-token-u-1001"),
+        "KooDrive token in the log"
+    );
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
+    let dir = workdir();
+    for config in [
+        "config/gateway.toml",
+        "config/production.example.toml",
+        "config/sidecar.example.toml",
+    ] {
+        let out = run(dir.path(), &["check-config", "--config", config]).await;
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("[upstream]"));
+    }
+    let bad = dir.path().join("config/bad.toml");
+    let text = std::fs::read_to_string(dir.path().join("config/gateway.toml")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("timeout_ms = 10000", "timeout_ms = 10000\nretries = 3"),
+    )
+    .unwrap();
+    let out = run(dir.path(), &["check-config", "--config", "config/bad.toml"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retries"));
+
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .env("KOODRIVE_GATEWAY__UPSTREAM__TIMEOUT_MS", "0")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "environment override was not applied"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.timeout_ms"));
+}

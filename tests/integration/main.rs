@@ -1,0 +1,9 @@
+//! Integration tests: the emulator and the gateway in-process on ephemeral
+//! ports, talked to over real TLS (HTTP/1.1 and HTTP/2).
+
+mod auth;
+mod binary;
+mod faults;
+mod forwarding;
+mod support;
+mod validation;

@@ -1,0 +1,263 @@
+//! Test harness: a TLS emulator and a TLS gateway on ephemeral ports, a real
+//! rustls client (HTTP/1.1 or HTTP/2) trusting the dev CA, and JWT minting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use koodrive_gateway::config::{Config, TlsFiles};
+use koodrive_gateway::devcerts;
+use koodrive_gateway::emulator::Emulator;
+use koodrive_gateway::server::tls;
+use koodrive_gateway::Gateway;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub const ISSUER: &str = "https://idp.test";
+pub const AUDIENCE: &str = "koodrive-gateway-test";
+/// Users with KooDrive tokens, and their tokens.
+pub const USERS: [(&str, &str); 3] = [
+    ("u-1", "kd-token-for-u-1-5f3a"),
+    ("u-2", "kd-token-for-u-2-9c1d"),
+    ("u-3", "kd-token-for-u-3-77ab"),
+];
+
+/// Knobs a test may turn before start.
+pub struct Options {
+    pub timeout_ms: u64,
+    /// Replace the emulator's URL (e.g. a closed port).
+    pub upstream_override: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout_ms: 5_000,
+            upstream_override: None,
+        }
+    }
+}
+
+/// A running emulator + gateway pair. Both stop when it is dropped.
+pub struct TestEnv {
+    pub dir: TempDir,
+    pub emulator: Emulator,
+    pub addr: SocketAddr,
+    _shutdown: oneshot::Sender<()>,
+}
+
+/// A response read to the end.
+pub struct Reply {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+    }
+
+    /// Asserts the normalized error shape and returns (code, msg).
+    pub fn error(&self) -> (String, String) {
+        let body = self.json();
+        let object = body.as_object().expect("error body is an object");
+        assert_eq!(object.len(), 3, "exactly code, msg, traceId: {body}");
+        assert_eq!(self.header("content-type"), "application/json");
+        assert_eq!(
+            body["traceId"],
+            self.header("x-traceid"),
+            "traceId matches X-Traceid"
+        );
+        (
+            body["code"].as_str().expect("code is a string").to_owned(),
+            body["msg"].as_str().expect("msg is a string").to_owned(),
+        )
+    }
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        TestEnv::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> TestEnv {
+        tls::install_default_providers();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        devcerts::ensure(&certs).unwrap();
+
+        let emulator_tls = tls::server_config(&TlsFiles {
+            cert: certs.join(devcerts::SERVER_CERT),
+            key: certs.join(devcerts::SERVER_KEY),
+        })
+        .unwrap();
+        let emulator = Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), Some(emulator_tls))
+            .await
+            .unwrap();
+        let mut tokens = serde_json::Map::new();
+        for (user, token) in USERS {
+            emulator.grant(token, user);
+            tokens.insert(user.into(), token.into());
+        }
+        let tokens_file = dir.path().join("tokens.json");
+        std::fs::write(&tokens_file, Value::Object(tokens).to_string()).unwrap();
+
+        // Through the emulator's certificate name, so the client verifies it.
+        let upstream = options
+            .upstream_override
+            .unwrap_or_else(|| format!("https://localhost:{}", emulator.addr().port()));
+        let toml = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            tls_cert = "{certs}/server.crt"
+            tls_key = "{certs}/server.key"
+            shutdown_grace_ms = 100
+            [upstream]
+            base_url = "{upstream}"
+            ca_file = "{certs}/ca.crt"
+            timeout_ms = {timeout}
+            [auth]
+            issuer = "{ISSUER}"
+            audience = "{AUDIENCE}"
+            jwks_file = "{certs}/jwks.json"
+            [token]
+            mode = "static"
+            static_tokens_file = "{tokens}"
+            "#,
+            certs = certs.display(),
+            timeout = options.timeout_ms,
+            tokens = tokens_file.display(),
+        );
+        let config = Config::from_toml(&toml).unwrap();
+        let gateway = Gateway::build(&config).await.unwrap();
+        let addr = gateway.local_addr().unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        tokio::spawn(gateway.run(async {
+            let _ = stop.await;
+        }));
+        TestEnv {
+            dir,
+            emulator,
+            addr,
+            _shutdown: shutdown,
+        }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Claims of a valid token for `user`.
+    pub fn claims(&self, user: &str) -> Value {
+        let now = jsonwebtoken::get_current_timestamp();
+        json!({
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": format!("app-{user}"),
+            "koodrive_uid": user,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+        })
+    }
+
+    /// Signs claims with the dev key.
+    pub fn sign(&self, claims: &Value) -> String {
+        devcerts::sign_dev_token(&self.certs(), claims).unwrap()
+    }
+
+    /// A valid token for `user`.
+    pub fn token(&self, user: &str) -> String {
+        self.sign(&self.claims(user))
+    }
+
+    /// `GET path_and_query` over HTTP/1.1 with `user`'s valid token.
+    pub async fn get_as(&self, user: &str, path_and_query: &str) -> Reply {
+        let auth = format!("Bearer {}", self.token(user));
+        self.send(
+            Version::HTTP_11,
+            "GET",
+            path_and_query,
+            &[("authorization", &auth)],
+            None,
+        )
+        .await
+    }
+
+    /// Sends one request over real TLS with the given HTTP version.
+    pub async fn send(
+        &self,
+        version: Version,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Reply {
+        let client = client(&self.certs().join(devcerts::CA_CERT), version);
+        let mut request = Request::builder().method(method).uri(format!(
+            "https://localhost:{}{path_and_query}",
+            self.addr.port()
+        ));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = body
+            .map(|b| Full::new(Bytes::from(b.to_owned())))
+            .unwrap_or_default();
+        let response = client.request(request.body(body).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        Reply {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+}
+
+/// A rustls client trusting `ca`, speaking only `version` (ALPN-negotiated).
+pub fn client(
+    ca: &Path,
+    version: Version,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let tls = tls::client_config(Some(ca)).unwrap();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let mut client = Client::builder(TokioExecutor::new());
+    let connector = if version == Version::HTTP_2 {
+        client.http2_only(true);
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    client.build(connector)
+}
+
+/// The emulator's job ids for `user` in a 200 body.
+pub fn task_ids(body: &Value) -> Vec<String> {
+    body["data"]
+        .as_array()
+        .expect("data array")
+        .iter()
+        .map(|j| j["taskId"].as_str().unwrap().to_owned())
+        .collect()
+}
