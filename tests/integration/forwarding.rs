@@ -35,6 +35,20 @@ async fn valid_request_returns_the_users_data_over_http1_and_http2() {
             .collect();
         assert_eq!(task_ids(&body), expected);
         assert_eq!(reply.header("content-type"), "application/json");
+        // Responses carry only the gateway's own headers.
+        for name in reply.headers.keys() {
+            assert!(
+                [
+                    "content-type",
+                    "content-length",
+                    "cache-control",
+                    "x-traceid",
+                    "date"
+                ]
+                .contains(&name.as_str()),
+                "unexpected response header {name}"
+            );
+        }
     }
     assert_eq!(env.emulator.jobs_requests(), 2);
 }
