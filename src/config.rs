@@ -100,6 +100,17 @@ pub struct FileAuth {
     pub algorithms: Vec<String>,
     #[serde(default = "defaults::leeway_s")]
     pub leeway_s: u64,
+    /// Background refresh period of a `jwks_url` key set.
+    #[serde(default = "defaults::jwks_refresh_s")]
+    pub jwks_refresh_s: u64,
+    /// Least time between two refetches caused by unknown `kid`s.
+    #[serde(default = "defaults::jwks_min_refetch_s")]
+    pub jwks_min_refetch_s: u64,
+    /// Largest `Authorization` header decoded.
+    #[serde(default = "defaults::max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Required JOSE `typ` header (case-insensitive), if set.
+    pub typ: Option<String>,
 }
 
 /// `[token]`
@@ -111,6 +122,14 @@ pub struct FileToken {
     pub token_url: Option<String>,
     pub client_id: Option<String>,
     pub client_secret_env: Option<String>,
+    /// `token-exchange` (RFC 8693) or `client-credentials`.
+    pub grant: Option<String>,
+    /// Form parameter carrying the user id in the client-credentials grant.
+    pub user_id_param: Option<String>,
+    pub timeout_ms: Option<u64>,
+    /// Tokens are dropped this long before `expires_in` runs out.
+    pub expiry_margin_s: Option<u64>,
+    pub max_cached_tokens: Option<u64>,
 }
 
 mod defaults {
@@ -134,6 +153,15 @@ mod defaults {
     }
     pub fn leeway_s() -> u64 {
         60
+    }
+    pub fn jwks_refresh_s() -> u64 {
+        300
+    }
+    pub fn jwks_min_refetch_s() -> u64 {
+        30
+    }
+    pub fn max_token_bytes() -> usize {
+        8 * 1024
     }
 }
 
@@ -192,11 +220,22 @@ pub enum UpstreamTarget {
 pub struct AuthConfig {
     pub issuer: String,
     pub audience: String,
-    pub jwks_file: PathBuf,
+    pub jwks: JwksSource,
+    pub jwks_refresh: Duration,
+    pub jwks_min_refetch: Duration,
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
     pub principal_claim: String,
     pub user_id_claim: String,
+    pub max_token_bytes: usize,
+    pub typ: Option<String>,
+}
+
+/// Where the verification keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(http::Uri),
 }
 
 /// How KooDrive access tokens are obtained.
@@ -204,6 +243,64 @@ pub struct AuthConfig {
 pub enum TokenConfig {
     /// A JSON file mapping KooDrive user id → access token.
     Static { tokens_file: PathBuf },
+    /// Per-user tokens from a token endpoint.
+    Exchange(Box<ExchangeConfig>),
+}
+
+/// The token endpoint and how to call it.
+#[derive(Clone, Debug)]
+pub struct ExchangeConfig {
+    pub endpoint: TokenEndpoint,
+    pub client_id: String,
+    /// The environment variable holding the client secret.
+    pub client_secret_env: String,
+    /// The secret itself; `None` only with the embedded endpoint, which then
+    /// shares a random per-process secret with the emulator.
+    pub client_secret: Option<Secret>,
+    pub grant: Grant,
+    pub user_id_param: String,
+    pub timeout: Duration,
+    pub expiry_margin: Duration,
+    pub max_cached_tokens: u64,
+}
+
+/// Where tokens are exchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    /// The embedded emulator's token endpoint.
+    Embedded,
+    Url(http::Uri),
+}
+
+/// The OAuth grant used at the token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// RFC 8693 with the caller's JWT as `subject_token`.
+    TokenExchange,
+    /// RFC 6749 §4.4 with the user id as a form parameter.
+    ClientCredentials,
+}
+
+/// A secret value whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl Config {
@@ -242,11 +339,12 @@ impl Config {
                 });
             }
         }
+        let upstream = validate_upstream(&file.upstream)?;
         Ok(Config {
             server: validate_server(&file.server)?,
-            upstream: validate_upstream(&file.upstream)?,
             auth: validate_auth(&file.auth)?,
-            token: validate_token(&file.token)?,
+            token: validate_token(&file.token, &upstream.target)?,
+            upstream,
         })
     }
 }
@@ -303,16 +401,28 @@ fn validate_upstream(u: &FileUpstream) -> Result<UpstreamConfig, ConfigError> {
 }
 
 fn validate_auth(a: &FileAuth) -> Result<AuthConfig, ConfigError> {
-    if a.jwks_url.is_some() {
-        return Err(invalid(
-            "auth.jwks_url",
-            "not supported yet by this version; use auth.jwks_file",
-        ));
+    let jwks = match (&a.jwks_file, &a.jwks_url) {
+        (Some(file), None) => JwksSource::File(file.clone()),
+        (None, Some(url)) => JwksSource::Url(parse_url("auth.jwks_url", url)?),
+        (None, None) => {
+            return Err(invalid(
+                "auth.jwks_file",
+                "one of auth.jwks_file or auth.jwks_url is required",
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "auth.jwks_url",
+                "set either auth.jwks_file or auth.jwks_url, not both",
+            ))
+        }
+    };
+    if a.jwks_refresh_s == 0 {
+        return Err(invalid("auth.jwks_refresh_s", "must be greater than 0"));
     }
-    let jwks_file = a
-        .jwks_file
-        .clone()
-        .ok_or_else(|| invalid("auth.jwks_file", "required"))?;
+    if a.max_token_bytes < 256 {
+        return Err(invalid("auth.max_token_bytes", "must be at least 256"));
+    }
     for (key, value) in [
         ("auth.issuer", &a.issuer),
         ("auth.audience", &a.audience),
@@ -337,11 +447,15 @@ fn validate_auth(a: &FileAuth) -> Result<AuthConfig, ConfigError> {
     Ok(AuthConfig {
         issuer: a.issuer.clone(),
         audience: a.audience.clone(),
-        jwks_file,
+        jwks,
+        jwks_refresh: Duration::from_secs(a.jwks_refresh_s),
+        jwks_min_refetch: Duration::from_secs(a.jwks_min_refetch_s),
         algorithms,
         leeway: Duration::from_secs(a.leeway_s),
         principal_claim: a.principal_claim.clone(),
         user_id_claim: a.user_id_claim.clone(),
+        max_token_bytes: a.max_token_bytes,
+        typ: a.typ.clone(),
     })
 }
 
@@ -358,13 +472,18 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
     }
 }
 
-fn validate_token(t: &FileToken) -> Result<TokenConfig, ConfigError> {
+fn validate_token(t: &FileToken, upstream: &UpstreamTarget) -> Result<TokenConfig, ConfigError> {
     match t.mode.as_str() {
         "static" => {
             for (set, key) in [
                 (t.token_url.is_some(), "token.token_url"),
                 (t.client_id.is_some(), "token.client_id"),
                 (t.client_secret_env.is_some(), "token.client_secret_env"),
+                (t.grant.is_some(), "token.grant"),
+                (t.user_id_param.is_some(), "token.user_id_param"),
+                (t.timeout_ms.is_some(), "token.timeout_ms"),
+                (t.expiry_margin_s.is_some(), "token.expiry_margin_s"),
+                (t.max_cached_tokens.is_some(), "token.max_cached_tokens"),
             ] {
                 if set {
                     return Err(invalid(key, "only used when token.mode = \"exchange\""));
@@ -378,15 +497,93 @@ fn validate_token(t: &FileToken) -> Result<TokenConfig, ConfigError> {
             })?;
             Ok(TokenConfig::Static { tokens_file })
         }
-        "exchange" => Err(invalid(
-            "token.mode",
-            "\"exchange\" is not supported yet by this version; use \"static\"",
-        )),
+        "exchange" => validate_exchange(t, upstream).map(|x| TokenConfig::Exchange(Box::new(x))),
         other => Err(invalid(
             "token.mode",
             format!("`{other}` is not one of \"static\", \"exchange\""),
         )),
     }
+}
+
+fn validate_exchange(
+    t: &FileToken,
+    upstream: &UpstreamTarget,
+) -> Result<ExchangeConfig, ConfigError> {
+    if t.static_tokens_file.is_some() {
+        return Err(invalid(
+            "token.static_tokens_file",
+            "only used when token.mode = \"static\"",
+        ));
+    }
+    let url = t
+        .token_url
+        .as_deref()
+        .ok_or_else(|| invalid("token.token_url", "required when token.mode = \"exchange\""))?;
+    let endpoint = if url == "embedded" {
+        if *upstream != UpstreamTarget::Embedded {
+            return Err(invalid(
+                "token.token_url",
+                "\"embedded\" requires upstream.base_url = \"embedded\"",
+            ));
+        }
+        TokenEndpoint::Embedded
+    } else {
+        TokenEndpoint::Url(parse_url("token.token_url", url)?)
+    };
+    let client_id = t
+        .client_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| invalid("token.client_id", "required when token.mode = \"exchange\""))?;
+    let client_secret_env = t
+        .client_secret_env
+        .clone()
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "token.client_secret_env",
+                "required when token.mode = \"exchange\"",
+            )
+        })?;
+    let client_secret = std::env::var(&client_secret_env)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new);
+    if client_secret.is_none() && endpoint != TokenEndpoint::Embedded {
+        return Err(invalid(
+            "token.client_secret_env",
+            format!("the environment variable `{client_secret_env}` is not set"),
+        ));
+    }
+    let grant = match t.grant.as_deref().unwrap_or("token-exchange") {
+        "token-exchange" => Grant::TokenExchange,
+        "client-credentials" => Grant::ClientCredentials,
+        other => {
+            return Err(invalid(
+                "token.grant",
+                format!("`{other}` is not one of \"token-exchange\", \"client-credentials\""),
+            ))
+        }
+    };
+    let timeout_ms = t.timeout_ms.unwrap_or(5_000);
+    if timeout_ms == 0 {
+        return Err(invalid("token.timeout_ms", "must be greater than 0"));
+    }
+    let max_cached_tokens = t.max_cached_tokens.unwrap_or(100_000);
+    if max_cached_tokens == 0 {
+        return Err(invalid("token.max_cached_tokens", "must be greater than 0"));
+    }
+    Ok(ExchangeConfig {
+        endpoint,
+        client_id,
+        client_secret_env,
+        client_secret,
+        grant,
+        user_id_param: t.user_id_param.clone().unwrap_or_else(|| "user_id".into()),
+        timeout: Duration::from_millis(timeout_ms),
+        expiry_margin: Duration::from_secs(t.expiry_margin_s.unwrap_or(60)),
+        max_cached_tokens,
+    })
 }
 
 /// Parses a URL that must be `https://`, or `http://` on a loopback host.
@@ -472,7 +669,7 @@ mod tests {
             err.contains("`cache`") && err.contains("not supported yet"),
             "{err}"
         );
-        let err = error_of("mode = \"static\"", "mode = \"exchange\"");
+        let err = error_of("mode = \"static\"", "mode = \"sometimes\"");
         assert!(err.contains("token.mode"), "{err}");
     }
 
@@ -487,6 +684,68 @@ mod tests {
             error_of("[upstream]", "[upstream]\ntimeout_ms = 0").contains("upstream.timeout_ms")
         );
         assert!(error_of("issuer = \"iss\"", "issuer = \" \"").contains("auth.issuer"));
+    }
+
+    const EXCHANGE: &str = "mode = \"exchange\"\ntoken_url = \"embedded\"\nclient_id = \"gw\"\nclient_secret_env = \"KOODRIVE_GATEWAY_CONFIG_TEST_UNSET\"";
+
+    fn exchange(replace_token_url: Option<&str>) -> Result<Config, ConfigError> {
+        let token = match replace_token_url {
+            Some(url) => EXCHANGE.replace("\"embedded\"", url),
+            None => EXCHANGE.to_owned(),
+        };
+        with(
+            "mode = \"static\"\n        static_tokens_file = \"config/koodrive-tokens.json\"",
+            &token,
+        )
+    }
+
+    #[test]
+    fn exchange_mode_with_the_embedded_endpoint_needs_no_secret() {
+        match exchange(None).unwrap().token {
+            TokenConfig::Exchange(x) => {
+                assert_eq!(x.endpoint, TokenEndpoint::Embedded);
+                assert!(x.client_secret.is_none());
+                assert_eq!(x.grant, Grant::TokenExchange);
+                assert_eq!(x.expiry_margin, Duration::from_secs(60));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exchange_mode_with_a_real_endpoint_needs_its_secret_variable() {
+        let err = exchange(Some("\"https://idp.example.com/token\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"), "{err}");
+        let err = exchange(Some("\"http://idp.example.com/token\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token.token_url"), "{err}");
+    }
+
+    #[test]
+    fn jwks_file_and_url_are_exclusive() {
+        let err = error_of(
+            "jwks_file = \"certs/dev/jwks.json\"",
+            "jwks_file = \"a\"\njwks_url = \"https://idp.example.com/jwks\"",
+        );
+        assert!(err.contains("auth.jwks_url"), "{err}");
+        let config = with(
+            "jwks_file = \"certs/dev/jwks.json\"",
+            "jwks_url = \"https://idp.example.com/jwks\"",
+        )
+        .unwrap();
+        assert!(matches!(config.auth.jwks, JwksSource::Url(_)));
+        assert_eq!(config.auth.jwks_min_refetch, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        assert_eq!(
+            format!("{:?}", Secret::new("hunter2")),
+            "Secret(<redacted>)"
+        );
     }
 
     #[test]

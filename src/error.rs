@@ -7,7 +7,7 @@
 //! for the log.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -55,7 +55,15 @@ pub enum GatewayError {
     #[error("upstream rejected the request: {code}: {msg}")]
     UpstreamRejectedRequest { code: String, msg: String },
 
-    // ---- upstream side (502/504) ----
+    // ---- upstream side and the gateway's dependencies (502/503/504) ----
+    /// No verification key set could be loaded (the JWKS URL has been
+    /// unreachable since start-up). Not the caller's fault: 503, not 401.
+    #[error("verification keys unavailable")]
+    KeysUnavailable,
+    /// No valid KooDrive token could be obtained for the caller's user; try
+    /// again after the delay.
+    #[error("KooDrive token unavailable")]
+    TokenUnavailable { retry_after: std::time::Duration },
     /// No answer within `upstream.timeout_ms`.
     #[error("upstream timed out")]
     UpstreamTimeout,
@@ -145,6 +153,17 @@ impl GatewayError {
             E::UpstreamRejectedRequest { code, msg } => {
                 (StatusCode::BAD_REQUEST, code.as_str(), msg.clone())
             }
+            E::KeysUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "jwks_unavailable",
+                "the gateway cannot verify tokens right now; try again shortly".into(),
+            ),
+            E::TokenUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_token_unavailable",
+                "the gateway cannot obtain KooDrive credentials right now; try again shortly"
+                    .into(),
+            ),
             E::UpstreamTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -205,6 +224,16 @@ impl GatewayError {
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
+            }
+            // RFC 9110 §10.2.3: when to try again.
+            GatewayError::KeysUnavailable => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            GatewayError::TokenUnavailable { retry_after } => {
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                    headers.insert(RETRY_AFTER, value);
+                }
             }
             _ => {}
         }
@@ -301,6 +330,14 @@ mod tests {
                 400,
                 "40001",
             ),
+            (GatewayError::KeysUnavailable, 503, "jwks_unavailable"),
+            (
+                GatewayError::TokenUnavailable {
+                    retry_after: std::time::Duration::from_millis(1500),
+                },
+                503,
+                "upstream_token_unavailable",
+            ),
             (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
             (
                 GatewayError::UpstreamUnreachable(io_error()),
@@ -356,6 +393,16 @@ mod tests {
     fn method_not_allowed_carries_allow_header() {
         let response = GatewayError::MethodNotAllowed.into_response(&TraceId::generate());
         assert_eq!(response.headers()[ALLOW], "GET");
+    }
+
+    #[test]
+    fn unavailable_token_says_when_to_retry() {
+        let response = GatewayError::TokenUnavailable {
+            retry_after: std::time::Duration::from_millis(1500),
+        }
+        .into_response(&TraceId::generate());
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        assert!(!response.headers().contains_key(WWW_AUTHENTICATE));
     }
 
     #[test]

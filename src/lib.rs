@@ -8,6 +8,7 @@ pub mod config;
 pub mod devcerts;
 pub mod emulator;
 pub mod error;
+pub mod http_client;
 pub mod jobs;
 pub mod language;
 pub mod pipeline;
@@ -29,12 +30,14 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::auth::{JwksError, Verifier};
-use crate::config::{Config, TokenConfig, UpstreamTarget};
+use crate::auth::{JwksError, KeyStore, Verifier};
+use crate::config::{Config, Secret, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::pipeline::Pipeline;
 use crate::server::tls::{self, TlsError};
+use crate::token::endpoint::HttpTokenEndpoint;
+use crate::token::exchange::TokenCache;
 use crate::token::{TokenFileError, TokenSource};
 use crate::upstream::Upstream;
 
@@ -44,7 +47,7 @@ use crate::upstream::Upstream;
 pub enum StartError {
     #[error("development certificates: {0}")]
     DevCerts(#[from] DevCertError),
-    #[error("auth.jwks_file: {0}")]
+    #[error("auth JWKS: {0}")]
     Jwks(#[from] JwksError),
     #[error("token.static_tokens_file: {0}")]
     Tokens(#[from] TokenFileError),
@@ -58,6 +61,17 @@ pub enum StartError {
     },
     #[error("starting the embedded emulator: {0}")]
     Emulator(#[source] std::io::Error),
+    #[error("{0}")]
+    Inconsistent(&'static str),
+}
+
+/// A spawned task that ends when its owner drops it.
+struct BackgroundTask(tokio::task::JoinHandle<()>);
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A built gateway: files loaded, listener bound, not yet serving.
@@ -68,6 +82,8 @@ pub struct Gateway {
     grace: Duration,
     /// The in-process emulator when `upstream.base_url = "embedded"`.
     emulator: Option<Emulator>,
+    /// Key refresh; stops with the gateway.
+    tasks: Vec<BackgroundTask>,
 }
 
 impl Gateway {
@@ -78,37 +94,32 @@ impl Gateway {
         if let Some(dir) = &config.server.dev_certs_dir {
             devcerts::ensure(dir)?;
         }
-        let verifier = Verifier::from_config(&config.auth)?;
-        let tokens = match &config.token {
-            TokenConfig::Static { tokens_file } => TokenSource::from_static_file(tokens_file)?,
-        };
         let server_tls = config
             .server
             .tls
             .as_ref()
             .map(tls::server_config)
             .transpose()?;
-        let client_tls = tls::client_config(config.upstream.ca_file.as_deref())?;
-
-        let (base, emulator) = match &config.upstream.target {
-            UpstreamTarget::Url(uri) => (uri.clone(), None),
-            UpstreamTarget::Embedded => {
-                let emulator = Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+        // One pooled client for KooDrive, its token endpoint and the JWKS URL.
+        let client = http_client::build(tls::client_config(config.upstream.ca_file.as_deref())?);
+        let emulator = match config.upstream.target {
+            UpstreamTarget::Embedded => Some(
+                Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), None)
                     .await
-                    .map_err(StartError::Emulator)?;
-                for (user, token) in tokens.static_grants() {
-                    emulator.grant(token.expose(), &user);
-                }
-                let base = emulator
-                    .base_url()
-                    .parse()
-                    .map_err(|_| StartError::Emulator(std::io::Error::other("bad emulator URL")))?;
-                (base, Some(emulator))
-            }
+                    .map_err(StartError::Emulator)?,
+            ),
+            UpstreamTarget::Url(_) => None,
         };
+        let base = match (&config.upstream.target, &emulator) {
+            (UpstreamTarget::Url(uri), _) => uri.clone(),
+            (UpstreamTarget::Embedded, Some(emulator)) => emulator_url(&emulator.base_url())?,
+            (UpstreamTarget::Embedded, None) => return Err(no_emulator()),
+        };
+        let keys = KeyStore::load(&config.auth, client.clone()).await?;
+        let tokens = token_source(config, &client, emulator.as_ref())?;
         let upstream = Upstream::new(
             &base,
-            client_tls,
+            client,
             config.upstream.timeout,
             config.upstream.max_response_bytes,
         );
@@ -119,16 +130,18 @@ impl Gateway {
                 addr: config.server.listen,
                 source,
             })?;
+        let tasks = vec![BackgroundTask(tokio::spawn(keys.clone().keep_fresh()))];
         Ok(Gateway {
             listener,
             tls: server_tls,
             pipeline: Arc::new(Pipeline {
-                verifier,
+                verifier: Verifier::new(&config.auth, keys),
                 tokens,
                 upstream,
             }),
             grace: config.server.shutdown_grace,
             emulator,
+            tasks,
         })
     }
 
@@ -160,10 +173,79 @@ impl Gateway {
                 async move { Ok::<_, Infallible>(pipeline.handle(request).await) }
             });
         let service = hyper_util::service::TowerToHyperService::new(service);
-        // Keep the embedded emulator alive for as long as the gateway serves.
+        // Keep the embedded emulator and the key refresh alive for as long
+        // as the gateway serves.
         let _emulator = self.emulator;
+        let _tasks = self.tasks;
         server::serve(self.listener, self.tls, service, shutdown, self.grace).await;
     }
+}
+
+/// The token source from config. With the embedded emulator, static tokens
+/// are granted to it, or it is told the exchange client's credentials (a
+/// random per-process secret when the configured variable is unset).
+fn token_source(
+    config: &Config,
+    client: &http_client::HttpsClient,
+    emulator: Option<&Emulator>,
+) -> Result<TokenSource, StartError> {
+    match &config.token {
+        TokenConfig::Static { tokens_file } => {
+            let source = TokenSource::from_static_file(tokens_file)?;
+            if let Some(emulator) = emulator {
+                for (user, token) in source.static_grants() {
+                    emulator.grant(token.expose(), &user);
+                }
+            }
+            Ok(source)
+        }
+        TokenConfig::Exchange(exchange) => {
+            let (url, client_secret) = match (&exchange.endpoint, emulator) {
+                (TokenEndpoint::Url(url), _) => (
+                    url.clone(),
+                    exchange
+                        .client_secret
+                        .clone()
+                        .ok_or(StartError::Inconsistent(
+                            "token.client_secret_env: no secret",
+                        ))?,
+                ),
+                (TokenEndpoint::Embedded, Some(emulator)) => {
+                    let secret = exchange.client_secret.clone().unwrap_or_else(|| {
+                        Secret::new(trace_id::TraceId::generate().as_str().to_owned())
+                    });
+                    emulator.set_client(&exchange.client_id, secret.expose());
+                    emulator.set_user_claim(&config.auth.user_id_claim);
+                    (emulator_url(&emulator.token_url())?, secret)
+                }
+                (TokenEndpoint::Embedded, None) => return Err(no_emulator()),
+            };
+            Ok(TokenSource::Exchange(TokenCache::new(
+                HttpTokenEndpoint {
+                    client: client.clone(),
+                    url,
+                    client_id: exchange.client_id.clone(),
+                    client_secret,
+                    grant: exchange.grant,
+                    user_id_param: exchange.user_id_param.clone(),
+                    timeout: exchange.timeout,
+                },
+                exchange.expiry_margin,
+                exchange.max_cached_tokens,
+            )))
+        }
+    }
+}
+
+fn emulator_url(url: &str) -> Result<http::Uri, StartError> {
+    url.parse()
+        .map_err(|_| StartError::Emulator(std::io::Error::other("bad emulator URL")))
+}
+
+fn no_emulator() -> StartError {
+    StartError::Emulator(std::io::Error::other(
+        "the embedded emulator is not running",
+    ))
 }
 
 fn panic_response(

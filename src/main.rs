@@ -131,14 +131,15 @@ fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
             path.display()
         );
     };
-    // The static token map is what the embedded emulator accepts: warn early.
-    let TokenConfig::Static { tokens_file } = &config.token;
-    if let Ok(TokenSource::Static(map)) = TokenSource::from_static_file(tokens_file) {
-        if !map.contains_key(user) {
-            eprintln!(
-                "warning: user `{user}` has no token in {}",
-                tokens_file.display()
-            );
+    // With static tokens, only users in the file can be served: warn early.
+    if let TokenConfig::Static { tokens_file } = &config.token {
+        if let Ok(TokenSource::Static(map)) = TokenSource::from_static_file(tokens_file) {
+            if !map.contains_key(user) {
+                eprintln!(
+                    "warning: user `{user}` has no token in {}",
+                    tokens_file.display()
+                );
+            }
         }
     }
     devcerts::ensure(dir)?;

@@ -10,11 +10,11 @@ use http::{HeaderName, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Body;
 
-use crate::auth::{Principal, Verifier};
+use crate::auth::{Authenticated, Principal, Verifier};
 use crate::error::GatewayError;
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
-use crate::token::TokenSource;
+use crate::token::{AccessToken, TokenSource};
 use crate::trace_id::{TraceId, X_TRACEID};
 use crate::upstream::{Forward, Upstream};
 
@@ -64,22 +64,45 @@ impl Pipeline {
         route(request)?;
         // Authenticate before looking at the query, so the schema is not an
         // oracle for unauthenticated callers.
-        let principal = principal_out.insert(self.verifier.verify(request.headers())?);
+        let caller = self.verifier.verify(request.headers()).await?;
+        *principal_out = Some(caller.principal.clone());
         let query = JobsQuery::parse(request.uri().query())?;
         let language = Language::from_headers(request.headers())?;
         // Token after validation: a bad request never costs a token exchange.
-        let token = self.tokens.token_for(principal).await?;
-        let body = self
-            .upstream
-            .fetch_jobs(&Forward {
-                query: &query,
-                user_id: &principal.user_id,
+        let body = self.forward(&caller, &query, &language, trace_id).await?;
+        Ok(json_response(body))
+    }
+
+    /// Obtains the caller's KooDrive token and sends the request. When
+    /// KooDrive refuses a token that can be renewed (it may have been
+    /// revoked), the token is dropped and the request retried once with a
+    /// fresh one; `X-Date` is stamped again for the retry.
+    async fn forward(
+        &self,
+        caller: &Authenticated,
+        query: &JobsQuery,
+        language: &Language,
+        trace_id: &TraceId,
+    ) -> Result<Bytes, GatewayError> {
+        let send = |token: AccessToken| async move {
+            let forward = Forward {
+                query,
+                user_id: &caller.principal.user_id,
                 token: &token,
                 trace_id,
-                language: &language,
-            })
-            .await?;
-        Ok(json_response(body))
+                language,
+            };
+            (self.upstream.fetch_jobs(&forward).await, token)
+        };
+        match send(self.tokens.token_for(caller).await?).await {
+            (Err(GatewayError::UpstreamCredentialsRejected { .. }), refused)
+                if self.tokens.can_renew() =>
+            {
+                self.tokens.invalidate(caller, &refused).await;
+                send(self.tokens.token_for(caller).await?).await.0
+            }
+            (result, _) => result,
+        }
     }
 }
 

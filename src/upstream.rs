@@ -12,16 +12,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use serde::Deserialize;
 use time::macros::format_description;
 use time::OffsetDateTime;
 
 use crate::error::GatewayError;
+use crate::http_client::{self, FetchError, HttpsClient};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::{Language, LANGUAGE};
 use crate::token::AccessToken;
@@ -47,7 +44,7 @@ pub struct Forward<'a> {
 /// The KooDrive upstream: base URL, pooled client, limits.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: HttpsClient,
     jobs_url: String,
     timeout: Duration,
     max_body: usize,
@@ -55,22 +52,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// A client for `base` (scheme, authority and optional path prefix).
-    pub fn new(
-        base: &Uri,
-        tls: rustls::ClientConfig,
-        timeout: Duration,
-        max_body: usize,
-    ) -> Upstream {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(connector);
+    pub fn new(base: &Uri, client: HttpsClient, timeout: Duration, max_body: usize) -> Upstream {
         let prefix = base.path().trim_end_matches('/');
         let jobs_url = format!(
             "{}://{}{prefix}{JOBS_PATH}",
@@ -86,31 +68,23 @@ impl Upstream {
     }
 
     /// Sends one jobs request and returns KooDrive's success body verbatim.
+    /// `X-Date` is stamped here, so every call (a retry too) gets a fresh one.
     pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Result<Bytes, GatewayError> {
         let request = self.build_request(forward)?;
-        let exchange = async {
-            let response = self.client.request(request).await.map_err(classify)?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), self.max_body)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        GatewayError::UpstreamBadResponse("response body too large".into())
-                    } else {
-                        GatewayError::UpstreamConnectionLost(e)
-                    }
-                })?
-                .to_bytes();
-            Ok::<_, GatewayError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+        let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body)
             .await
-            .map_err(|_| GatewayError::UpstreamTimeout)??;
-        normalize(status, body)
+            .map_err(|e| match e {
+                FetchError::Timeout => GatewayError::UpstreamTimeout,
+                FetchError::Connect(cause) => GatewayError::UpstreamUnreachable(cause),
+                FetchError::Lost(cause) => GatewayError::UpstreamConnectionLost(cause),
+                FetchError::TooLarge(_) => {
+                    GatewayError::UpstreamBadResponse("response body too large".into())
+                }
+            })?;
+        normalize(fetched.status, fetched.body)
     }
 
-    fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Empty<Bytes>>, GatewayError> {
+    fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Full<Bytes>>, GatewayError> {
         let uri = format!("{}?{}", self.jobs_url, forward.query.canonical());
         let header = |value: &str| {
             HeaderValue::from_str(value)
@@ -119,7 +93,7 @@ impl Upstream {
         let mut authorization = header(&format!("Bearer {}", forward.token.expose()))?;
         authorization.set_sensitive(true);
         let mut request = Request::get(uri)
-            .body(Empty::new())
+            .body(Full::default())
             .map_err(|_| GatewayError::Internal("unrepresentable upstream URI".into()))?;
         let headers = request.headers_mut();
         headers.insert(AUTHORIZATION, authorization);
@@ -152,14 +126,6 @@ pub fn x_date(at: OffsetDateTime) -> String {
     at.to_offset(time::UtcOffset::UTC)
         .format(&format)
         .unwrap_or_default()
-}
-
-fn classify(error: hyper_util::client::legacy::Error) -> GatewayError {
-    if error.is_connect() {
-        GatewayError::UpstreamUnreachable(Box::new(error))
-    } else {
-        GatewayError::UpstreamConnectionLost(Box::new(error))
-    }
 }
 
 /// KooDrive's `code`: a number in its example, a string in its schema.

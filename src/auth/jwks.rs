@@ -1,10 +1,32 @@
-//! The verification key set: a standard JWKS document (RFC 7517) turned into
-//! one `DecodingKey` per usable key, looked up by `kid`.
+//! The verification keys: a standard JWKS document (RFC 7517) turned into
+//! one `DecodingKey` per usable key, looked up by `kid` ([`KeySet`]), and
+//! the process's one [`KeyStore`] that loads it from a file or URL and keeps
+//! it fresh: refreshed in the background, the last good set kept when a
+//! refresh fails, refetched on an unknown `kid` at most once at a time and
+//! once per `auth.jwks_min_refetch_s`.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::Request;
+use http_body_util::Full;
 use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use tokio::time::Instant;
+
+use crate::config::{AuthConfig, JwksSource};
+use crate::http_client::{self, FetchError, HttpsClient};
+
+/// Largest JWKS document accepted from a URL.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// Per-fetch timeout for a JWKS URL.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry delay after a failed background refresh; doubles up to the
+/// refresh period.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 /// A JWKS that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +41,10 @@ pub enum JwksError {
     Parse(#[from] serde_json::Error),
     #[error("the JWKS holds no usable signing key")]
     Empty,
+    #[error("fetching the JWKS: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("the JWKS URL answered with status {0}")]
+    Status(u16),
 }
 
 /// One verification key.
@@ -97,6 +123,134 @@ impl KeySet {
                     (Some(only), None) => Some(&only.key),
                     _ => None,
                 }
+            }
+        }
+    }
+}
+
+/// The process's key set and how it is kept fresh.
+pub struct KeyStore {
+    source: JwksSource,
+    client: HttpsClient,
+    current: RwLock<Option<Arc<KeySet>>>,
+    /// When the last on-demand refetch started; the lock makes refetches
+    /// single-flight.
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    min_refetch: Duration,
+    refresh: Duration,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("source", &self.source)
+            .field("current", &self.current())
+            .finish()
+    }
+}
+
+impl KeyStore {
+    /// Loads the key set once. A file that cannot be used fails start-up; a
+    /// URL that cannot be fetched does not: requests get 503 until a
+    /// refresh succeeds.
+    pub async fn load(
+        config: &AuthConfig,
+        client: HttpsClient,
+    ) -> Result<Arc<KeyStore>, JwksError> {
+        let store = Arc::new(KeyStore {
+            source: config.jwks.clone(),
+            client,
+            current: RwLock::new(None),
+            last_refetch: tokio::sync::Mutex::new(None),
+            min_refetch: config.jwks_min_refetch,
+            refresh: config.jwks_refresh,
+        });
+        match store.fetch().await {
+            Ok(set) => store.replace(set),
+            Err(error) => match &store.source {
+                JwksSource::File(_) => return Err(error),
+                JwksSource::Url(url) => {
+                    tracing::error!(%url, %error, "JWKS unavailable at start-up; requests get 503 until it loads")
+                }
+            },
+        }
+        Ok(store)
+    }
+
+    /// The current key set, if one was ever loaded.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, set: KeySet) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(set));
+    }
+
+    /// Refetches on demand (unknown `kid`, or no key set yet): one fetch at
+    /// a time, and none if the last one started within `min_refetch`, so
+    /// random `kid`s cannot flood the identity provider. Returns the key
+    /// set to use afterwards.
+    pub async fn refetch(&self) -> Option<Arc<KeySet>> {
+        let mut last = self.last_refetch.lock().await;
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < self.min_refetch) {
+            return self.current();
+        }
+        *last = Some(now);
+        match self.fetch().await {
+            Ok(set) => self.replace(set),
+            Err(error) => {
+                tracing::warn!(%error, "JWKS refetch failed; keeping the last good key set")
+            }
+        }
+        self.current()
+    }
+
+    /// Refreshes forever: every `refresh` period while a key set exists,
+    /// with doubling retries while none does or a refresh fails.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        let mut retry = RETRY_FIRST;
+        loop {
+            let wait = if self.current().is_some() {
+                self.refresh
+            } else {
+                retry
+            };
+            tokio::time::sleep(wait).await;
+            match self.fetch().await {
+                Ok(set) => {
+                    self.replace(set);
+                    retry = RETRY_FIRST;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "JWKS refresh failed; keeping the last good key set");
+                    retry = (retry * 2).min(self.refresh);
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, JwksError> {
+        match &self.source {
+            JwksSource::File(path) => KeySet::from_file(path),
+            JwksSource::Url(url) => {
+                let request = Request::get(url.clone())
+                    .header(ACCEPT, "application/json, application/jwk-set+json")
+                    .body(Full::<Bytes>::default())
+                    .map_err(|_| JwksError::Status(0))?;
+                let fetched =
+                    http_client::fetch(&self.client, request, FETCH_TIMEOUT, MAX_JWKS_BYTES)
+                        .await?;
+                if fetched.status != http::StatusCode::OK {
+                    return Err(JwksError::Status(fetched.status.as_u16()));
+                }
+                KeySet::from_json(&fetched.body)
             }
         }
     }

@@ -10,6 +10,8 @@
 mod claims;
 pub mod jwks;
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::AUTHORIZATION;
@@ -20,10 +22,8 @@ use jsonwebtoken::{Algorithm, Validation};
 use crate::config::AuthConfig;
 use crate::error::GatewayError;
 use claims::Claims;
-pub use jwks::{JwksError, KeySet};
+pub use jwks::{JwksError, KeySet, KeyStore};
 
-/// Largest `Authorization` header decoded; anything longer is refused first.
-pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
 /// Longest accepted principal or user id.
 const MAX_IDENTITY_LEN: usize = 256;
 
@@ -36,28 +36,53 @@ pub struct Principal {
     pub user_id: String,
 }
 
+/// The caller's verified JWT. It may be presented to the token endpoint as
+/// an RFC 8693 `subject_token`; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct SubjectToken(Arc<str>);
+
+impl SubjectToken {
+    /// Wraps a verified compact JWS.
+    pub fn new(token: &str) -> SubjectToken {
+        SubjectToken(token.into())
+    }
+
+    /// The compact JWS, for the token exchange request only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SubjectToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SubjectToken(<redacted>)")
+    }
+}
+
+/// A successfully authenticated request.
+#[derive(Clone, Debug)]
+pub struct Authenticated {
+    pub principal: Principal,
+    pub subject_token: SubjectToken,
+}
+
 /// Verifies internal JWTs.
 #[derive(Debug)]
 pub struct Verifier {
-    keys: KeySet,
+    keys: Arc<KeyStore>,
     algorithms: Vec<Algorithm>,
     issuer: String,
     audience: String,
     leeway: Duration,
     principal_claim: String,
     user_id_claim: String,
+    max_token_bytes: usize,
+    typ: Option<String>,
 }
 
 impl Verifier {
-    /// Builds a verifier from config, reading the JWKS file now so a bad
-    /// key set fails start-up, not the first request.
-    pub fn from_config(config: &AuthConfig) -> Result<Verifier, JwksError> {
-        let keys = KeySet::from_file(&config.jwks_file)?;
-        Ok(Verifier::new(config, keys))
-    }
-
-    /// Builds a verifier with an already loaded key set.
-    pub fn new(config: &AuthConfig, keys: KeySet) -> Verifier {
+    /// Builds a verifier over the process's key store.
+    pub fn new(config: &AuthConfig, keys: Arc<KeyStore>) -> Verifier {
         Verifier {
             keys,
             algorithms: config.algorithms.clone(),
@@ -66,17 +91,23 @@ impl Verifier {
             leeway: config.leeway,
             principal_claim: config.principal_claim.clone(),
             user_id_claim: config.user_id_claim.clone(),
+            max_token_bytes: config.max_token_bytes,
+            typ: config.typ.clone(),
         }
     }
 
     /// Authenticates a request from its headers.
-    pub fn verify(&self, headers: &HeaderMap) -> Result<Principal, GatewayError> {
-        let token = bearer_token(headers)?;
-        self.verify_token(token)
+    pub async fn verify(&self, headers: &HeaderMap) -> Result<Authenticated, GatewayError> {
+        let token = bearer_token(headers, self.max_token_bytes)?;
+        let principal = self.verify_token(token).await?;
+        Ok(Authenticated {
+            principal,
+            subject_token: SubjectToken(token.into()),
+        })
     }
 
     /// Verifies one compact JWS and derives the principal.
-    pub fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
+    pub async fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
         let invalid = |reason: &str| GatewayError::InvalidCredentials(reason.to_owned());
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("malformed token or unsupported algorithm"))?;
@@ -96,8 +127,28 @@ impl Verifier {
         if header.crit.is_some() {
             return Err(invalid("critical header extensions are not supported"));
         }
-        let key = self
-            .keys
+        if let Some(expected) = &self.typ {
+            if !header
+                .typ
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(expected))
+            {
+                return Err(invalid("wrong token type (typ)"));
+            }
+        }
+        let mut keys = match self.keys.current() {
+            Some(keys) => keys,
+            None => self
+                .keys
+                .refetch()
+                .await
+                .ok_or(GatewayError::KeysUnavailable)?,
+        };
+        // A `kid` the key set does not know may be a freshly rotated key.
+        if header.kid.is_some() && keys.find(header.kid.as_deref(), header.alg).is_none() {
+            keys = self.keys.refetch().await.unwrap_or(keys);
+        }
+        let key = keys
             .find(header.kid.as_deref(), header.alg)
             .ok_or_else(|| invalid("no matching verification key"))?;
 
@@ -137,11 +188,11 @@ impl Verifier {
 /// The token of `Authorization: Bearer <token>` (RFC 6750 §2.1; the scheme
 /// is case-insensitive, RFC 9110 §11.1). The header's size is capped before
 /// anything is decoded.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
+fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayError> {
     let value = headers
         .get(AUTHORIZATION)
         .ok_or(GatewayError::MissingCredentials)?;
-    if value.len() > MAX_AUTHORIZATION_BYTES {
+    if value.len() > max_bytes {
         return Err(GatewayError::InvalidCredentials(
             "authorization header too large".into(),
         ));
@@ -183,6 +234,8 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
+    const MAX: usize = 8 * 1024;
+
     fn headers(value: &str) -> HeaderMap {
         let mut map = HeaderMap::new();
         map.insert(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
@@ -191,14 +244,14 @@ mod tests {
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
-        assert_eq!(bearer_token(&headers("bearer abc")).unwrap(), "abc");
-        assert_eq!(bearer_token(&headers("BEARER abc")).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers("bearer abc"), MAX).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers("BEARER abc"), MAX).unwrap(), "abc");
     }
 
     #[test]
     fn missing_header_is_missing_credentials() {
         assert!(matches!(
-            bearer_token(&HeaderMap::new()),
+            bearer_token(&HeaderMap::new(), MAX),
             Err(GatewayError::MissingCredentials)
         ));
     }
@@ -208,7 +261,7 @@ mod tests {
         for value in ["Basic abc", "Bearer", "Bearer ", "Token abc"] {
             assert!(
                 matches!(
-                    bearer_token(&headers(value)),
+                    bearer_token(&headers(value), MAX),
                     Err(GatewayError::InvalidCredentials(_))
                 ),
                 "{value}"
@@ -218,8 +271,8 @@ mod tests {
 
     #[test]
     fn oversized_header_is_refused_before_decoding() {
-        let value = format!("Bearer {}", "a".repeat(MAX_AUTHORIZATION_BYTES));
-        match bearer_token(&headers(&value)) {
+        let value = format!("Bearer {}", "a".repeat(MAX));
+        match bearer_token(&headers(&value), MAX) {
             Err(GatewayError::InvalidCredentials(reason)) => assert!(reason.contains("too large")),
             other => panic!("{other:?}"),
         }

@@ -2,9 +2,11 @@
 //! "List batch tasks" API's rules (Bearer token it issued, `X-User-Id`
 //! matching the token, `X-Date` format and 15-minute window, parameter
 //! ranges), answers in KooDrive's shapes from a deterministic per-user data
-//! set, records what it received, and injects faults on demand.
+//! set, records what it received, and injects faults on demand. It also
+//! runs an RFC 8693 token endpoint issuing expiring tokens bound to a user.
 
 pub mod data;
+mod token;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::jobs::JOBS_PATH;
 
@@ -48,6 +51,23 @@ pub enum Fault {
     EmptyBody(u16),
     /// Close the connection without answering.
     DropConnection,
+    /// Token endpoint only: answer 200 with this `expires_in`.
+    BadExpiry(i64),
+}
+
+/// The token endpoint's path.
+pub const TOKEN_PATH: &str = "/oauth2/token";
+/// Default lifetime of issued tokens.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Largest token request body read.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// An access token the emulator accepts.
+#[derive(Clone, Debug)]
+struct TokenGrant {
+    user_id: String,
+    /// `None`: never expires (tokens granted by hand).
+    expires_at: Option<Instant>,
 }
 
 /// What the emulator received, for assertions.
@@ -59,13 +79,35 @@ pub struct RecordedRequest {
     pub headers: HeaderMap,
 }
 
-#[derive(Default)]
 struct State {
-    /// Access token → KooDrive user id.
-    tokens: Mutex<HashMap<String, String>>,
+    /// Access token → user and expiry.
+    tokens: Mutex<HashMap<String, TokenGrant>>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
     fault: Mutex<Fault>,
     jobs_requests: AtomicU64,
+    /// (client id, client secret) the token endpoint accepts.
+    client: Mutex<Option<(String, String)>>,
+    /// Claim of the subject token that names the user.
+    user_claim: Mutex<String>,
+    token_ttl: Mutex<Duration>,
+    token_fault: Mutex<Fault>,
+    exchanges: AtomicU64,
+}
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            tokens: Mutex::default(),
+            recorded: Mutex::default(),
+            fault: Mutex::default(),
+            jobs_requests: AtomicU64::new(0),
+            client: Mutex::default(),
+            user_claim: Mutex::new("koodrive_uid".into()),
+            token_ttl: Mutex::new(DEFAULT_TOKEN_TTL),
+            token_fault: Mutex::default(),
+            exchanges: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Locks ignoring poisoning: the emulator's state stays usable for the
@@ -143,14 +185,55 @@ impl Emulator {
         format!("{}://{}", self.scheme, self.addr)
     }
 
-    /// Makes `token` a valid access token for `user_id`.
+    /// The token endpoint's URL.
+    pub fn token_url(&self) -> String {
+        format!("{}{TOKEN_PATH}", self.base_url())
+    }
+
+    /// Makes `token` a valid, non-expiring access token for `user_id`.
     pub fn grant(&self, token: &str, user_id: &str) {
-        lock(&self.state.tokens).insert(token.to_owned(), user_id.to_owned());
+        lock(&self.state.tokens).insert(
+            token.to_owned(),
+            TokenGrant {
+                user_id: user_id.to_owned(),
+                expires_at: None,
+            },
+        );
     }
 
     /// Invalidates `token`.
     pub fn revoke(&self, token: &str) {
         lock(&self.state.tokens).remove(token);
+    }
+
+    /// Invalidates every token of `user_id`.
+    pub fn revoke_user(&self, user_id: &str) {
+        lock(&self.state.tokens).retain(|_, grant| grant.user_id != user_id);
+    }
+
+    /// The client credentials the token endpoint accepts.
+    pub fn set_client(&self, client_id: &str, client_secret: &str) {
+        *lock(&self.state.client) = Some((client_id.to_owned(), client_secret.to_owned()));
+    }
+
+    /// The subject-token claim that names the KooDrive user.
+    pub fn set_user_claim(&self, claim: &str) {
+        *lock(&self.state.user_claim) = claim.to_owned();
+    }
+
+    /// Lifetime of tokens issued from now on.
+    pub fn set_token_ttl(&self, ttl: Duration) {
+        *lock(&self.state.token_ttl) = ttl;
+    }
+
+    /// Injects `fault` into every following token request.
+    pub fn set_token_fault(&self, fault: Fault) {
+        *lock(&self.state.token_fault) = fault;
+    }
+
+    /// How many token requests reached the token endpoint.
+    pub fn exchanges(&self) -> u64 {
+        self.state.exchanges.load(Ordering::SeqCst)
     }
 
     /// How many requests reached the jobs endpoint.
@@ -189,6 +272,9 @@ impl std::error::Error for Dropped {}
 type Reply = Response<Full<Bytes>>;
 
 async fn handle(state: &State, request: Request<Incoming>) -> Result<Reply, Dropped> {
+    if request.uri().path() == TOKEN_PATH {
+        return token::handle(state, request).await;
+    }
     if request.uri().path() != JOBS_PATH {
         return Ok(koodrive_error(
             StatusCode::NOT_FOUND,
@@ -217,7 +303,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Result<Reply, Drop
     }
     let fault = lock(&state.fault).clone();
     match fault {
-        Fault::None => {}
+        Fault::None | Fault::BadExpiry(_) => {}
         Fault::Latency(delay) => tokio::time::sleep(delay).await,
         Fault::Status(status) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -268,10 +354,14 @@ fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, &'static s
     let token = header(AUTHORIZATION.as_str())
         .and_then(bearer)
         .ok_or("missing or malformed Authorization")?;
-    let user_of_token = lock(&state.tokens)
+    let grant = lock(&state.tokens)
         .get(token)
         .cloned()
         .ok_or("invalid access token")?;
+    if grant.expires_at.is_some_and(|at| Instant::now() >= at) {
+        return Err("access token expired");
+    }
+    let user_of_token = grant.user_id;
     let user_id = header("x-user-id").ok_or("missing X-User-Id")?;
     if user_id != user_of_token {
         return Err("X-User-Id does not match the access token");

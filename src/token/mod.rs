@@ -1,14 +1,19 @@
-//! KooDrive access tokens for a principal: the "token" step of the flow.
-//! This version has the static source (a file mapping KooDrive user id →
-//! token); the exchange source builds on the same interface.
+//! KooDrive access tokens for an authenticated caller: the "token" step of
+//! the flow. Two sources: a static file (user id → token) and per-user
+//! exchange at a token endpoint, cached with single-flight refresh.
+
+pub mod endpoint;
+pub mod exchange;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::auth::Principal;
+use crate::auth::Authenticated;
 use crate::error::GatewayError;
+use endpoint::HttpTokenEndpoint;
+use exchange::TokenCache;
 
 /// A KooDrive access token. Its `Debug` never shows the value, so it cannot
 /// reach a log by accident.
@@ -56,12 +61,15 @@ pub enum TokenFileError {
 pub enum TokenSource {
     /// Fixed tokens per KooDrive user id.
     Static(HashMap<String, AccessToken>),
+    /// Tokens exchanged per (principal, user id) and cached.
+    Exchange(TokenCache<HttpTokenEndpoint>),
 }
 
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TokenSource::Static(map) => write!(f, "TokenSource::Static({} users)", map.len()),
+            TokenSource::Exchange(_) => f.write_str("TokenSource::Exchange"),
         }
     }
 }
@@ -93,13 +101,27 @@ impl TokenSource {
         Ok(TokenSource::Static(tokens))
     }
 
-    /// The KooDrive token to use for this principal's requests.
-    pub async fn token_for(&self, principal: &Principal) -> Result<AccessToken, GatewayError> {
+    /// The KooDrive token to use for this caller's requests.
+    pub async fn token_for(&self, caller: &Authenticated) -> Result<AccessToken, GatewayError> {
         match self {
             TokenSource::Static(map) => map
-                .get(&principal.user_id)
+                .get(&caller.principal.user_id)
                 .cloned()
                 .ok_or(GatewayError::UserNotProvisioned),
+            TokenSource::Exchange(cache) => cache.token_for(caller).await,
+        }
+    }
+
+    /// Whether a token KooDrive refused can be replaced by a fresh one.
+    pub fn can_renew(&self) -> bool {
+        matches!(self, TokenSource::Exchange(_))
+    }
+
+    /// Forgets `refused` for this caller, so the next call obtains a new
+    /// token. A newer token already cached is kept.
+    pub async fn invalidate(&self, caller: &Authenticated, refused: &AccessToken) {
+        if let TokenSource::Exchange(cache) = self {
+            cache.invalidate(&caller.principal, refused).await;
         }
     }
 
@@ -108,6 +130,7 @@ impl TokenSource {
     pub fn static_grants(&self) -> Vec<(String, AccessToken)> {
         match self {
             TokenSource::Static(map) => map.iter().map(|(u, t)| (u.clone(), t.clone())).collect(),
+            TokenSource::Exchange(_) => Vec::new(),
         }
     }
 }
@@ -116,11 +139,8 @@ impl TokenSource {
 mod tests {
     use super::*;
 
-    fn principal(user: &str) -> Principal {
-        Principal {
-            subject: "app".into(),
-            user_id: user.into(),
-        }
+    fn caller(user: &str) -> Authenticated {
+        exchange::tests::caller("app", user)
     }
 
     fn source(json: &str) -> Result<TokenSource, TokenFileError> {
@@ -134,11 +154,11 @@ mod tests {
     async fn static_source_maps_user_ids_to_tokens() {
         let source = source(r#"{"u1": "t1", "u2": "t2"}"#).unwrap();
         assert_eq!(
-            source.token_for(&principal("u2")).await.unwrap().expose(),
+            source.token_for(&caller("u2")).await.unwrap().expose(),
             "t2"
         );
         assert!(matches!(
-            source.token_for(&principal("u3")).await,
+            source.token_for(&caller("u3")).await,
             Err(GatewayError::UserNotProvisioned)
         ));
     }

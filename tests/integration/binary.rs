@@ -30,9 +30,12 @@ fn workdir() -> tempfile::TempDir {
     dir
 }
 
+/// Runs the binary to completion; the client secret the example configs
+/// name is set, as an operator would.
 async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
+        .env("KOODRIVE_CLIENT_SECRET", "example-secret")
         .current_dir(dir)
         .output()
         .await

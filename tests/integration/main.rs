@@ -5,5 +5,6 @@ mod auth;
 mod binary;
 mod faults;
 mod forwarding;
+mod identity;
 mod support;
 mod validation;

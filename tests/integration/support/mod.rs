@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, Version};
@@ -28,11 +30,28 @@ pub const USERS: [(&str, &str); 3] = [
     ("u-3", "kd-token-for-u-3-77ab"),
 ];
 
+/// The client id and secret of exchange-mode tests.
+pub const CLIENT_ID: &str = "gateway-test-client";
+pub const CLIENT_SECRET: &str = "client-secret-3b9f0e";
+const CLIENT_SECRET_ENV: &str = "KOODRIVE_GATEWAY_TEST_CLIENT_SECRET";
+
+/// Code run with the dev material directory before the gateway starts.
+pub type Hook = Box<dyn FnOnce(&Path)>;
+
 /// Knobs a test may turn before start.
 pub struct Options {
     pub timeout_ms: u64,
     /// Replace the emulator's URL (e.g. a closed port).
     pub upstream_override: Option<String>,
+    /// Exchange KooDrive tokens at the emulator's token endpoint instead of
+    /// using the static file.
+    pub exchange: bool,
+    /// Load keys from this URL instead of the dev JWKS file.
+    pub jwks_url: Option<String>,
+    /// Extra lines for the `[auth]` section.
+    pub auth_extra: &'static str,
+    /// Runs with the dev material directory before the gateway starts.
+    pub before_start: Option<Hook>,
 }
 
 impl Default for Options {
@@ -40,6 +59,10 @@ impl Default for Options {
         Options {
             timeout_ms: 5_000,
             upstream_override: None,
+            exchange: false,
+            jwks_url: None,
+            auth_extra: "",
+            before_start: None,
         }
     }
 }
@@ -99,9 +122,13 @@ impl TestEnv {
 
     pub async fn start_with(options: Options) -> TestEnv {
         tls::install_default_providers();
+        init_log_capture();
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         devcerts::ensure(&certs).unwrap();
+        if let Some(hook) = options.before_start {
+            hook(&certs);
+        }
 
         let emulator_tls = tls::server_config(&TlsFiles {
             cert: certs.join(devcerts::SERVER_CERT),
@@ -123,6 +150,23 @@ impl TestEnv {
         let upstream = options
             .upstream_override
             .unwrap_or_else(|| format!("https://localhost:{}", emulator.addr().port()));
+        let jwks = match &options.jwks_url {
+            Some(url) => format!("jwks_url = \"{url}\""),
+            None => format!("jwks_file = \"{}/jwks.json\"", certs.display()),
+        };
+        let token = if options.exchange {
+            emulator.set_client(CLIENT_ID, CLIENT_SECRET);
+            std::env::set_var(CLIENT_SECRET_ENV, CLIENT_SECRET);
+            format!(
+                "mode = \"exchange\"\ntoken_url = \"https://localhost:{}/oauth2/token\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_env = \"{CLIENT_SECRET_ENV}\"",
+                emulator.addr().port()
+            )
+        } else {
+            format!(
+                "mode = \"static\"\nstatic_tokens_file = \"{}\"",
+                tokens_file.display()
+            )
+        };
         let toml = format!(
             r#"
             [server]
@@ -137,14 +181,14 @@ impl TestEnv {
             [auth]
             issuer = "{ISSUER}"
             audience = "{AUDIENCE}"
-            jwks_file = "{certs}/jwks.json"
+            {jwks}
+            {auth_extra}
             [token]
-            mode = "static"
-            static_tokens_file = "{tokens}"
+            {token}
             "#,
             certs = certs.display(),
             timeout = options.timeout_ms,
-            tokens = tokens_file.display(),
+            auth_extra = options.auth_extra,
         );
         let config = Config::from_toml(&toml).unwrap();
         let gateway = Gateway::build(&config).await.unwrap();
@@ -260,4 +304,96 @@ pub fn task_ids(body: &Value) -> Vec<String> {
         .iter()
         .map(|j| j["taskId"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Everything the gateway logs during the tests, for secret-leak checks.
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_log_capture() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(|| LogWriter)
+        .try_init();
+}
+
+/// The captured log so far.
+pub fn captured_log() -> String {
+    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+/// A JWKS endpoint for tests: serves a settable document (or 503 while
+/// none is set) over plain HTTP on loopback, counting fetches.
+pub struct JwksServer {
+    pub url: String,
+    fetches: Arc<AtomicU64>,
+    body: Arc<Mutex<Option<String>>>,
+    _shutdown: oneshot::Sender<()>,
+}
+
+impl JwksServer {
+    pub async fn start(body: Option<String>) -> JwksServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
+        let fetches = Arc::new(AtomicU64::new(0));
+        let body = Arc::new(Mutex::new(body));
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let (count, document) = (fetches.clone(), body.clone());
+        let service =
+            hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
+                count.fetch_add(1, Ordering::SeqCst);
+                let document = document.lock().unwrap().clone();
+                async move {
+                    let response = match document {
+                        Some(json) => http::Response::new(Full::new(Bytes::from(json))),
+                        None => http::Response::builder()
+                            .status(503)
+                            .body(Full::new(Bytes::from_static(b"down")))
+                            .unwrap(),
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+        tokio::spawn(koodrive_gateway::server::serve(
+            listener,
+            None,
+            service,
+            async {
+                let _ = stop.await;
+            },
+            std::time::Duration::from_millis(100),
+        ));
+        JwksServer {
+            url,
+            fetches,
+            body,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// Serves `body` from now on (`None`: answer 503).
+    pub fn set(&self, body: Option<String>) {
+        *self.body.lock().unwrap() = body;
+    }
+
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::SeqCst)
+    }
 }

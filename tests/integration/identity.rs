@@ -1,0 +1,289 @@
+//! Identity: JWKS from a URL (rotation, refetch limits, outage) and per-user
+//! KooDrive token exchange against the emulator's token endpoint.
+
+use std::sync::Arc;
+
+use http::Version;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use koodrive_gateway::devcerts::JWKS;
+use koodrive_gateway::emulator::Fault;
+use tokio::task::JoinSet;
+
+use crate::support::{captured_log, JwksServer, Options, TestEnv, CLIENT_SECRET};
+
+const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
+
+/// A fresh ES256 key with `kid`, and its public JWK.
+fn new_key(kid: &str) -> (EncodingKey, Jwk) {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    (key, jwk)
+}
+
+fn sign_with(env: &TestEnv, key: &EncodingKey, kid: &str, user: &str) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &env.claims(user), key).unwrap()
+}
+
+async fn get(env: &TestEnv, jwt: &str) -> crate::support::Reply {
+    env.send(
+        Version::HTTP_11,
+        "GET",
+        PATH,
+        &[("authorization", &format!("Bearer {jwt}"))],
+        None,
+    )
+    .await
+}
+
+/// Starts a gateway whose keys come from `server`, which starts out
+/// serving the dev JWKS.
+async fn with_jwks_url(server: &Arc<JwksServer>, auth_extra: &'static str) -> TestEnv {
+    let serving = server.clone();
+    TestEnv::start_with(Options {
+        jwks_url: Some(server.url.clone()),
+        auth_extra,
+        before_start: Some(Box::new(move |certs| {
+            serving.set(Some(std::fs::read_to_string(certs.join(JWKS)).unwrap()));
+        })),
+        ..Options::default()
+    })
+    .await
+}
+
+fn with_extra_key(env: &TestEnv, jwk: Jwk) -> String {
+    let mut set: JwkSet =
+        serde_json::from_slice(&std::fs::read(env.certs().join(JWKS)).unwrap()).unwrap();
+    set.keys.push(jwk);
+    serde_json::to_string(&set).unwrap()
+}
+
+#[tokio::test]
+async fn a_key_rotated_in_after_start_up_is_accepted_without_restart() {
+    let server = Arc::new(JwksServer::start(None).await);
+    let env = with_jwks_url(&server, "").await;
+    assert_eq!(server.fetches(), 1, "fetched once at start-up");
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+
+    let (key, jwk) = new_key("rotated-2");
+    server.set(Some(with_extra_key(&env, jwk)));
+    let reply = get(&env, &sign_with(&env, &key, "rotated-2", "u-1")).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(server.fetches(), 2, "one refetch for the unknown kid");
+    // Known keys need no further fetches.
+    assert_eq!(
+        get(&env, &sign_with(&env, &key, "rotated-2", "u-1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(server.fetches(), 2);
+}
+
+#[tokio::test]
+async fn a_burst_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
+    let server = Arc::new(JwksServer::start(None).await);
+    let env = Arc::new(with_jwks_url(&server, "").await);
+    let (key, _) = new_key("unused");
+    let mut burst = JoinSet::new();
+    for i in 0..100 {
+        let env = env.clone();
+        let jwt = sign_with(
+            &env,
+            &key,
+            &format!("random-kid-{i}-{}", rand::random::<u32>()),
+            "u-1",
+        );
+        burst.spawn(async move { get(&env, &jwt).await.status });
+    }
+    while let Some(status) = burst.join_next().await {
+        assert_eq!(status.unwrap(), 401);
+    }
+    assert!(
+        server.fetches() <= 2,
+        "{} fetches for 100 unknown kids",
+        server.fetches()
+    );
+    assert_eq!(env.emulator.jobs_requests(), 0);
+}
+
+#[tokio::test]
+async fn jwks_down_at_start_up_is_503_not_401_and_recovers_without_restart() {
+    let server = Arc::new(JwksServer::start(None).await);
+    let env = TestEnv::start_with(Options {
+        jwks_url: Some(server.url.clone()),
+        auth_extra: "jwks_min_refetch_s = 0",
+        ..Options::default()
+    })
+    .await;
+    let reply = get(&env, &env.token("u-1")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error().0, "jwks_unavailable");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(!reply.headers.contains_key("www-authenticate"));
+
+    server.set(Some(
+        std::fs::read_to_string(env.certs().join(JWKS)).unwrap(),
+    ));
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_required_typ_is_enforced() {
+    let env = TestEnv::start_with(Options {
+        auth_extra: "typ = \"at+jwt\"",
+        ..Options::default()
+    })
+    .await;
+    // dev tokens carry typ "JWT".
+    let reply = get(&env, &env.token("u-1")).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.error().0, "invalid_token");
+    assert_eq!(env.emulator.jobs_requests(), 0);
+}
+
+async fn exchange_env() -> Arc<TestEnv> {
+    Arc::new(
+        TestEnv::start_with(Options {
+            exchange: true,
+            ..Options::default()
+        })
+        .await,
+    )
+}
+
+#[tokio::test]
+async fn fifty_concurrent_first_requests_cause_one_exchange() {
+    let env = exchange_env().await;
+    let mut requests = JoinSet::new();
+    for _ in 0..50 {
+        let env = env.clone();
+        let jwt = env.token("u-7");
+        requests.spawn(async move { get(&env, &jwt).await.status });
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(env.emulator.exchanges(), 1);
+    assert_eq!(env.emulator.jobs_requests(), 50);
+}
+
+#[tokio::test]
+async fn ten_users_cause_ten_exchanges() {
+    let env = exchange_env().await;
+    let mut requests = JoinSet::new();
+    for user in 0..10 {
+        for _ in 0..3 {
+            let env = env.clone();
+            let jwt = env.token(&format!("user-{user}"));
+            requests.spawn(async move { get(&env, &jwt).await.status });
+        }
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(env.emulator.exchanges(), 10);
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_replaced_and_the_request_retried_once() {
+    let env = exchange_env().await;
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(
+        (env.emulator.exchanges(), env.emulator.jobs_requests()),
+        (1, 1)
+    );
+    let first = env.emulator.last_request().unwrap().headers["authorization"].clone();
+
+    env.emulator.revoke_user("u-1");
+    let reply = get(&env, &env.token("u-1")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(env.emulator.exchanges(), 2, "one new exchange");
+    assert_eq!(
+        env.emulator.jobs_requests(),
+        3,
+        "the refused request and one retry"
+    );
+    let recorded = env.emulator.recorded();
+    let retry = &recorded[2].headers;
+    assert_ne!(
+        retry["authorization"], first,
+        "the retry carries the new token"
+    );
+    assert!(retry.contains_key("x-date"));
+}
+
+#[tokio::test]
+async fn permanently_refused_credentials_are_502_after_one_retry() {
+    let env = exchange_env().await;
+    env.emulator.set_fault(Fault::Status(401));
+    let reply = get(&env, &env.token("u-1")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.error().0, "upstream_credentials_rejected");
+    assert_eq!(env.emulator.jobs_requests(), 2);
+    assert_eq!(env.emulator.exchanges(), 2);
+}
+
+#[tokio::test]
+async fn token_endpoint_failures_are_fast_503s_never_401s() {
+    for fault in [
+        Fault::Status(500),
+        Fault::Status(401),
+        Fault::GarbageBody,
+        Fault::HtmlError,
+        Fault::BadExpiry(0),
+        Fault::BadExpiry(-30),
+        Fault::BadExpiry(10_i64.pow(12)),
+        Fault::DropConnection,
+    ] {
+        let env = exchange_env().await;
+        env.emulator.set_token_fault(fault.clone());
+        let reply = get(&env, &env.token("u-1")).await;
+        assert_eq!(reply.status, 503, "{fault:?}");
+        assert_eq!(reply.error().0, "upstream_token_unavailable", "{fault:?}");
+        let retry_after: u64 = reply.header("retry-after").parse().unwrap();
+        assert!((1..=30).contains(&retry_after), "{fault:?}");
+        // Within the back-off the next caller fails fast, without a call.
+        let exchanges = env.emulator.exchanges();
+        assert_eq!(get(&env, &env.token("u-1")).await.status, 503);
+        assert_eq!(env.emulator.exchanges(), exchanges, "{fault:?}");
+        assert_eq!(env.emulator.jobs_requests(), 0, "{fault:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_log_or_an_error_body() {
+    let env = exchange_env().await;
+    let jwt = env.token("u-9");
+    let ok = get(&env, &jwt).await;
+    assert_eq!(ok.status, 200);
+    let koodrive_token = env.emulator.last_request().unwrap().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    env.emulator.set_fault(Fault::Status(401));
+    let refused = get(&env, &jwt).await;
+    env.emulator.set_token_fault(Fault::Status(500));
+    let failing = get(&env, &jwt).await;
+    let log = captured_log();
+    assert!(log.contains("status=502"), "the log captured the requests");
+    for secret in [jwt.as_str(), koodrive_token.as_str(), CLIENT_SECRET] {
+        assert!(!log.contains(secret), "secret in the log");
+        for reply in [&ok, &refused, &failing] {
+            assert!(
+                !String::from_utf8_lossy(&reply.body).contains(secret),
+                "secret in a body"
+            );
+        }
+    }
+}
