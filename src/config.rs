@@ -68,8 +68,8 @@ pub struct FileServer {
     pub dev_certs_dir: Option<PathBuf>,
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    #[serde(default, skip_serializing)]
-    admin_listen: Option<IgnoredAny>,
+    /// Plain-HTTP listener for `/healthz` and `/readyz`.
+    pub admin_listen: Option<String>,
 }
 
 /// `[upstream]`
@@ -185,6 +185,8 @@ pub struct ServerConfig {
     /// Certificate chain and key; `None` means plain HTTP.
     pub tls: Option<TlsFiles>,
     pub dev_certs_dir: Option<PathBuf>,
+    /// Where `/healthz` and `/readyz` are served (plain HTTP).
+    pub admin_listen: Option<SocketAddr>,
     /// How long in-flight requests may finish after a shutdown signal.
     pub shutdown_grace: Duration,
 }
@@ -330,7 +332,6 @@ impl Config {
             (file.cache.is_some(), "cache"),
             (file.rate_limit.is_some(), "rate_limit"),
             (file.audit.is_some(), "audit"),
-            (file.server.admin_listen.is_some(), "server.admin_listen"),
         ] {
             if present {
                 return Err(ConfigError::Invalid {
@@ -365,8 +366,20 @@ fn validate_server(s: &FileServer) -> Result<ServerConfig, ConfigError> {
         (Some(_), None) => return Err(invalid("server.tls_key", "required when tls_cert is set")),
         (None, Some(_)) => return Err(invalid("server.tls_cert", "required when tls_key is set")),
     };
+    let admin_listen = s
+        .admin_listen
+        .as_deref()
+        .map(|a| a.parse())
+        .transpose()
+        .map_err(|_| {
+            invalid(
+                "server.admin_listen",
+                "expected an address such as 127.0.0.1:9091",
+            )
+        })?;
     Ok(ServerConfig {
         listen,
+        admin_listen,
         tls,
         dev_certs_dir: s.dev_certs_dir.clone(),
         shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),

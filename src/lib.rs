@@ -26,6 +26,7 @@ use std::time::Duration;
 use http::header::AUTHORIZATION;
 use http::StatusCode;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -35,6 +36,7 @@ use crate::config::{Config, Secret, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::pipeline::Pipeline;
+use crate::server::admin::Health;
 use crate::server::tls::{self, TlsError};
 use crate::token::endpoint::HttpTokenEndpoint;
 use crate::token::exchange::TokenCache;
@@ -84,6 +86,8 @@ pub struct Gateway {
     emulator: Option<Emulator>,
     /// Key refresh; stops with the gateway.
     tasks: Vec<BackgroundTask>,
+    /// The admin listener and what readiness looks at.
+    admin: Option<(TcpListener, Arc<KeyStore>)>,
 }
 
 impl Gateway {
@@ -130,6 +134,15 @@ impl Gateway {
                 addr: config.server.listen,
                 source,
             })?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+                keys.clone(),
+            )),
+            None => None,
+        };
         let tasks = vec![BackgroundTask(tokio::spawn(keys.clone().keep_fresh()))];
         Ok(Gateway {
             listener,
@@ -142,6 +155,7 @@ impl Gateway {
             grace: config.server.shutdown_grace,
             emulator,
             tasks,
+            admin,
         })
     }
 
@@ -161,7 +175,7 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then drains for the grace period.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let pipeline = self.pipeline;
         // Order matters: Authorization is marked sensitive before anything
         // could log headers; panics become a normalized 500, not a reset.
@@ -177,7 +191,48 @@ impl Gateway {
         // as the gateway serves.
         let _emulator = self.emulator;
         let _tasks = self.tasks;
-        server::serve(self.listener, self.tls, service, shutdown, self.grace).await;
+        // One shutdown signal for both listeners; readiness turns false first.
+        let (draining_tx, draining) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|draining| *draining).await;
+        };
+        let admin = self.admin.map(|(listener, keys)| {
+            let health = Health {
+                keys,
+                draining: draining.clone(),
+            };
+            let service = hyper::service::service_fn(move |request| {
+                let health = health.clone();
+                async move { health.handle(request).await }
+            });
+            tokio::spawn(server::serve(
+                listener,
+                None,
+                service,
+                stopped(draining.clone()),
+                self.grace,
+            ))
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = draining_tx.send(true);
+        });
+        server::serve(
+            self.listener,
+            self.tls,
+            service,
+            stopped(draining),
+            self.grace,
+        )
+        .await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+    }
+
+    /// The admin listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 }
 

@@ -43,6 +43,10 @@ enum Command {
         /// JSON file of access tokens it accepts: {"<user id>": "<token>"}.
         #[arg(long, default_value = "config/koodrive-tokens.json")]
         tokens: PathBuf,
+        /// Client id its token endpoint accepts, with the secret in
+        /// KOODRIVE_CLIENT_SECRET.
+        #[arg(long, default_value = "koodrive-gateway-dev")]
+        client_id: String,
     },
     /// Print an internal JWT signed with the development key.
     DevToken {
@@ -66,7 +70,11 @@ async fn main() -> Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config).await,
         Command::CheckConfig => check_config(&cli.config),
-        Command::Emulator { listen, tokens } => emulator(listen, &tokens).await,
+        Command::Emulator {
+            listen,
+            tokens,
+            client_id,
+        } => emulator(listen, &tokens, &client_id).await,
         Command::DevToken { user, sub, ttl } => dev_token(&cli.config, &user, &sub, ttl),
     }
 }
@@ -97,6 +105,9 @@ async fn serve(path: &Path) -> Result<()> {
     if let Some(emulator) = gateway.emulator() {
         tracing::info!(upstream = %emulator.base_url(), "embedded KooDrive emulator running");
     }
+    if let Some(admin) = gateway.admin_addr() {
+        tracing::info!(addr = %admin, "admin (healthz, readyz) on http://{admin}");
+    }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
     gateway.run(shutdown_signal()).await;
     tracing::info!("stopped");
@@ -112,11 +123,17 @@ fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn emulator(listen: SocketAddr, tokens: &Path) -> Result<()> {
+async fn emulator(listen: SocketAddr, tokens: &Path, client_id: &str) -> Result<()> {
     let source = TokenSource::from_static_file(tokens)?;
     let emulator = Emulator::start(listen, None).await?;
     for (user, token) in source.static_grants() {
         emulator.grant(token.expose(), &user);
+    }
+    match std::env::var("KOODRIVE_CLIENT_SECRET") {
+        Ok(secret) if !secret.is_empty() => emulator.set_client(client_id, &secret),
+        _ => tracing::warn!(
+            "KOODRIVE_CLIENT_SECRET is not set: the token endpoint refuses every client"
+        ),
     }
     tracing::info!(url = %emulator.base_url(), "KooDrive emulator listening on {}", emulator.base_url());
     shutdown_signal().await;

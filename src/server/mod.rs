@@ -2,6 +2,7 @@
 //! hyper-util's auto builder) → the service; graceful shutdown with a drain
 //! deadline. Shared by the gateway and the emulator.
 
+pub mod admin;
 pub mod tls;
 
 use std::future::Future;

@@ -48,6 +48,7 @@ async fn the_readme_demo_works_through_the_binary() {
     let mut child = Command::new(BIN)
         .current_dir(dir.path())
         .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "debug")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

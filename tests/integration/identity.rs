@@ -67,6 +67,7 @@ async fn a_key_rotated_in_after_start_up_is_accepted_without_restart() {
     let server = Arc::new(JwksServer::start(None).await);
     let env = with_jwks_url(&server, "").await;
     assert_eq!(server.fetches(), 1, "fetched once at start-up");
+    assert_eq!(env.admin_status("/readyz").await, 200);
     assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
 
     let (key, jwk) = new_key("rotated-2");

@@ -72,6 +72,8 @@ pub struct TestEnv {
     pub dir: TempDir,
     pub emulator: Emulator,
     pub addr: SocketAddr,
+    /// The admin listener (`/healthz`, `/readyz`).
+    pub admin: SocketAddr,
     _shutdown: oneshot::Sender<()>,
 }
 
@@ -171,6 +173,7 @@ impl TestEnv {
             r#"
             [server]
             listen = "127.0.0.1:0"
+            admin_listen = "127.0.0.1:0"
             tls_cert = "{certs}/server.crt"
             tls_key = "{certs}/server.key"
             shutdown_grace_ms = 100
@@ -193,6 +196,7 @@ impl TestEnv {
         let config = Config::from_toml(&toml).unwrap();
         let gateway = Gateway::build(&config).await.unwrap();
         let addr = gateway.local_addr().unwrap();
+        let admin = gateway.admin_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(gateway.run(async {
             let _ = stop.await;
@@ -201,8 +205,16 @@ impl TestEnv {
             dir,
             emulator,
             addr,
+            admin,
             _shutdown: shutdown,
         }
+    }
+
+    /// The status of `GET path` on the admin listener (plain HTTP).
+    pub async fn admin_status(&self, path: &str) -> StatusCode {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let uri = format!("http://{}{path}", self.admin);
+        client.get(uri.parse().unwrap()).await.unwrap().status()
     }
 
     pub fn certs(&self) -> PathBuf {

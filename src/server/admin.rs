@@ -1,0 +1,69 @@
+//! The admin listener (`server.admin_listen`, plain HTTP, meant for
+//! loopback or a private port): `/healthz` (the process serves) and
+//! `/readyz` (a verification key set is loaded and the gateway is not
+//! draining). Kept off the public listener so probes need no JWT.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use tokio::sync::watch;
+
+use crate::auth::KeyStore;
+
+/// What readiness depends on.
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub keys: Arc<KeyStore>,
+    /// Becomes `true` when shutdown starts.
+    pub draining: watch::Receiver<bool>,
+}
+
+impl Health {
+    /// Why the gateway is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if *self.draining.borrow() {
+            Some("draining")
+        } else if self.keys.current().is_none() {
+            Some("no verification key set loaded")
+        } else {
+            None
+        }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if request.method() != Method::GET {
+            return Ok(json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"status":"method_not_allowed"}"#.into(),
+            ));
+        }
+        Ok(match request.uri().path() {
+            "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+            "/readyz" => match self.not_ready() {
+                None => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
+                Some(reason) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(r#"{{"status":"not_ready","reason":"{reason}"}}"#),
+                ),
+            },
+            _ => json(StatusCode::NOT_FOUND, r#"{"status":"not_found"}"#.into()),
+        })
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
