@@ -48,8 +48,8 @@ pub struct FileConfig {
     pub upstream: FileUpstream,
     pub auth: FileAuth,
     pub token: FileToken,
-    #[serde(default, skip_serializing)]
-    cache: Option<IgnoredAny>,
+    #[serde(default)]
+    pub cache: FileCache,
     #[serde(default, skip_serializing)]
     rate_limit: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
@@ -113,6 +113,41 @@ pub struct FileAuth {
     pub typ: Option<String>,
 }
 
+/// `[cache]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    /// Freshness lifetime; 0 turns the cache off.
+    #[serde(default = "defaults::cache_ttl_ms")]
+    pub ttl_ms: u64,
+    /// Up to this much is added to each entry's lifetime, at random, so
+    /// entries filled together do not expire together.
+    #[serde(default)]
+    pub ttl_jitter_ms: u64,
+    /// Capacity in bytes (bodies plus keys).
+    #[serde(default = "defaults::cache_max_bytes")]
+    pub max_bytes: u64,
+    /// How long past expiry an entry may still be served when KooDrive
+    /// fails; 0 = never.
+    #[serde(default)]
+    pub stale_if_error_ms: u64,
+    /// Whether `Cache-Control: no-cache` on a request bypasses the cache.
+    #[serde(default = "defaults::honor_client_no_cache")]
+    pub honor_client_no_cache: bool,
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        FileCache {
+            ttl_ms: defaults::cache_ttl_ms(),
+            ttl_jitter_ms: 0,
+            max_bytes: defaults::cache_max_bytes(),
+            stale_if_error_ms: 0,
+            honor_client_no_cache: defaults::honor_client_no_cache(),
+        }
+    }
+}
+
 /// `[token]`
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +168,15 @@ pub struct FileToken {
 }
 
 mod defaults {
+    pub fn cache_ttl_ms() -> u64 {
+        5_000
+    }
+    pub fn cache_max_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn honor_client_no_cache() -> bool {
+        true
+    }
     pub fn shutdown_grace_ms() -> u64 {
         10_000
     }
@@ -176,6 +220,18 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub token: TokenConfig,
+    /// `None` when `cache.ttl_ms = 0`.
+    pub cache: Option<CacheConfig>,
+}
+
+/// The per-user response cache.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub ttl_jitter: Duration,
+    pub max_bytes: u64,
+    pub stale_if_error: Duration,
+    pub honor_client_no_cache: bool,
 }
 
 /// Where and how the gateway listens.
@@ -329,7 +385,6 @@ impl Config {
 
     fn validate(file: &FileConfig) -> Result<Config, ConfigError> {
         for (present, key) in [
-            (file.cache.is_some(), "cache"),
             (file.rate_limit.is_some(), "rate_limit"),
             (file.audit.is_some(), "audit"),
         ] {
@@ -345,6 +400,7 @@ impl Config {
             server: validate_server(&file.server)?,
             auth: validate_auth(&file.auth)?,
             token: validate_token(&file.token, &upstream.target)?,
+            cache: validate_cache(&file.cache)?,
             upstream,
         })
     }
@@ -384,6 +440,22 @@ fn validate_server(s: &FileServer) -> Result<ServerConfig, ConfigError> {
         dev_certs_dir: s.dev_certs_dir.clone(),
         shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
     })
+}
+
+fn validate_cache(c: &FileCache) -> Result<Option<CacheConfig>, ConfigError> {
+    if c.ttl_ms == 0 {
+        return Ok(None);
+    }
+    if c.max_bytes < 1024 {
+        return Err(invalid("cache.max_bytes", "must be at least 1024"));
+    }
+    Ok(Some(CacheConfig {
+        ttl: Duration::from_millis(c.ttl_ms),
+        ttl_jitter: Duration::from_millis(c.ttl_jitter_ms),
+        max_bytes: c.max_bytes,
+        stale_if_error: Duration::from_millis(c.stale_if_error_ms),
+        honor_client_no_cache: c.honor_client_no_cache,
+    }))
 }
 
 fn validate_upstream(u: &FileUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -677,9 +749,9 @@ mod tests {
 
     #[test]
     fn unsupported_sections_say_so() {
-        let err = error_of("[token]", "[cache]\nttl_ms = 5\n[token]");
+        let err = error_of("[token]", "[audit]\npath = \"-\"\n[token]");
         assert!(
-            err.contains("`cache`") && err.contains("not supported yet"),
+            err.contains("`audit`") && err.contains("not supported yet"),
             "{err}"
         );
         let err = error_of("mode = \"static\"", "mode = \"sometimes\"");
@@ -751,6 +823,21 @@ mod tests {
         .unwrap();
         assert!(matches!(config.auth.jwks, JwksSource::Url(_)));
         assert_eq!(config.auth.jwks_min_refetch, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn cache_defaults_on_and_ttl_zero_turns_it_off() {
+        let cache = Config::from_toml(VALID).unwrap().cache.unwrap();
+        assert_eq!(cache.ttl, Duration::from_secs(5));
+        assert_eq!(cache.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(cache.stale_if_error, Duration::ZERO);
+        assert!(cache.honor_client_no_cache);
+        assert!(with("[token]", "[cache]\nttl_ms = 0\n[token]")
+            .unwrap()
+            .cache
+            .is_none());
+        let err = error_of("[token]", "[cache]\nttl = 5\n[token]");
+        assert!(err.contains("ttl"), "{err}");
     }
 
     #[test]

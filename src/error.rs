@@ -15,8 +15,9 @@ use serde::Serialize;
 use crate::jobs::QueryError;
 use crate::trace_id::TraceId;
 
-/// Every way a request can fail, by side.
-#[derive(Debug, thiserror::Error)]
+/// Every way a request can fail, by side. `Clone`, so one failed upstream
+/// load can be handed to every request that waited for it.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum GatewayError {
     // ---- client side (4xx) ----
     /// The path is not one the gateway serves.
@@ -69,10 +70,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The connection could not be established.
     #[error("upstream unreachable")]
-    UpstreamUnreachable(#[source] BoxError),
+    UpstreamUnreachable(#[source] SharedError),
     /// The connection broke before a complete response arrived.
     #[error("upstream connection lost")]
-    UpstreamConnectionLost(#[source] BoxError),
+    UpstreamConnectionLost(#[source] SharedError),
     /// KooDrive answered with something that is not its documented shape
     /// (HTML, empty, garbage, oversized, unexpected status).
     #[error("upstream sent an unusable response: {0}")]
@@ -92,8 +93,10 @@ pub enum GatewayError {
     Internal(String),
 }
 
-/// The boxed cause carried by transport errors.
+/// A boxed error, as hyper and tower hand them over.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A shared cause carried by transport errors.
+pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
 /// What the client is told: status, code, message, and extra headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -240,6 +243,19 @@ impl GatewayError {
         response
     }
 
+    /// Whether KooDrive (or the path to it) failed, as opposed to the
+    /// client or the gateway: the failures stale-if-error may cover.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamTimeout
+                | GatewayError::UpstreamUnreachable(_)
+                | GatewayError::UpstreamConnectionLost(_)
+                | GatewayError::UpstreamBadResponse(_)
+                | GatewayError::UpstreamFailed { .. }
+        )
+    }
+
     /// Which side failed, for logs and metrics.
     pub fn side(&self) -> &'static str {
         match self.render().status.as_u16() {
@@ -287,8 +303,8 @@ mod tests {
     use super::*;
     use crate::jobs::QueryError;
 
-    fn io_error() -> BoxError {
-        Box::new(std::io::Error::other("boom"))
+    fn io_error() -> SharedError {
+        std::sync::Arc::new(std::io::Error::other("boom"))
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod devcerts;
 pub mod emulator;
@@ -32,6 +33,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::auth::{JwksError, KeyStore, Verifier};
+use crate::cache::ResponseCache;
 use crate::config::{Config, Secret, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
@@ -151,6 +153,10 @@ impl Gateway {
                 verifier: Verifier::new(&config.auth, keys),
                 tokens,
                 upstream,
+                cache: config
+                    .cache
+                    .as_ref()
+                    .map(|c| Arc::new(ResponseCache::new(c))),
             }),
             grace: config.server.shutdown_grace,
             emulator,
@@ -228,6 +234,11 @@ impl Gateway {
         if let Some(admin) = admin {
             let _ = admin.await;
         }
+    }
+
+    /// The response cache, when enabled (for its counters).
+    pub fn cache(&self) -> Option<Arc<ResponseCache>> {
+        self.pipeline.cache.clone()
     }
 
     /// The admin listener's address, when one is configured.

@@ -2,21 +2,25 @@
 //! goes through [`Pipeline::handle`], which normalizes errors and stamps
 //! `X-Traceid` on the response.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{
+    HeaderValue, AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
+};
 use http::{HeaderName, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Body;
 
 use crate::auth::{Authenticated, Principal, Verifier};
+use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Served};
 use crate::error::GatewayError;
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
 use crate::token::{AccessToken, TokenSource};
 use crate::trace_id::{TraceId, X_TRACEID};
-use crate::upstream::{Forward, Upstream};
+use crate::upstream::{Forward, Upstream, UpstreamReply};
 
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
@@ -24,6 +28,7 @@ pub struct Pipeline {
     pub(crate) verifier: Verifier,
     pub(crate) tokens: TokenSource,
     pub(crate) upstream: Upstream,
+    pub(crate) cache: Option<Arc<ResponseCache>>,
 }
 
 impl Pipeline {
@@ -68,9 +73,22 @@ impl Pipeline {
         *principal_out = Some(caller.principal.clone());
         let query = JobsQuery::parse(request.uri().query())?;
         let language = Language::from_headers(request.headers())?;
-        // Token after validation: a bad request never costs a token exchange.
-        let body = self.forward(&caller, &query, &language, trace_id).await?;
-        Ok(json_response(body))
+        // The cache after authentication and validation, so a hit skips
+        // neither; before the token, so a hit costs no exchange.
+        let load = || self.forward(&caller, &query, &language, trace_id);
+        let served = match &self.cache {
+            Some(cache) => {
+                let bypass = cache.honors_client_no_cache() && requests_no_cache(request.headers());
+                let key = CacheKey::new(&caller.principal, &query, &language);
+                cache.serve(key, bypass, load).await?
+            }
+            None => Served {
+                body: load().await?.body,
+                status: CacheStatus::Bypass,
+                age: None,
+            },
+        };
+        Ok(json_response(served))
     }
 
     /// Obtains the caller's KooDrive token and sends the request. When
@@ -83,7 +101,8 @@ impl Pipeline {
         query: &JobsQuery,
         language: &Language,
         trace_id: &TraceId,
-    ) -> Result<Bytes, GatewayError> {
+    ) -> Result<UpstreamReply, GatewayError> {
+        // Token after validation: a bad request never costs a token exchange.
         let send = |token: AccessToken| async move {
             let forward = Forward {
                 query,
@@ -130,12 +149,20 @@ fn has_body<B: Body>(request: &Request<B>) -> bool {
     declared || (!body.is_end_stream() && body.size_hint().exact() != Some(0))
 }
 
-fn json_response(body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
+fn json_response(served: Served) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(served.body));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // Per-user data: shared caches between client and gateway must not keep it.
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    headers.insert(
+        HeaderName::from_static("x-cache"),
+        HeaderValue::from_static(served.status.as_str()),
+    );
+    // RFC 9111 §5.1: whole seconds since the payload left the origin.
+    if let Some(age) = served.age {
+        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+    }
     response
 }
 

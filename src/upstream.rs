@@ -69,19 +69,23 @@ impl Upstream {
 
     /// Sends one jobs request and returns KooDrive's success body verbatim.
     /// `X-Date` is stamped here, so every call (a retry too) gets a fresh one.
-    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Result<Bytes, GatewayError> {
+    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Result<UpstreamReply, GatewayError> {
         let request = self.build_request(forward)?;
         let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body)
             .await
             .map_err(|e| match e {
                 FetchError::Timeout => GatewayError::UpstreamTimeout,
-                FetchError::Connect(cause) => GatewayError::UpstreamUnreachable(cause),
-                FetchError::Lost(cause) => GatewayError::UpstreamConnectionLost(cause),
+                FetchError::Connect(cause) => GatewayError::UpstreamUnreachable(cause.into()),
+                FetchError::Lost(cause) => GatewayError::UpstreamConnectionLost(cause.into()),
                 FetchError::TooLarge(_) => {
                     GatewayError::UpstreamBadResponse("response body too large".into())
                 }
             })?;
-        normalize(fetched.status, fetched.body)
+        let storable = storable(&fetched.headers);
+        Ok(UpstreamReply {
+            body: normalize(fetched.status, fetched.body)?,
+            storable,
+        })
     }
 
     fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Full<Bytes>>, GatewayError> {
@@ -118,6 +122,27 @@ impl Upstream {
         );
         Ok(request)
     }
+}
+
+/// KooDrive's success body and whether it may be cached.
+#[derive(Clone, Debug)]
+pub struct UpstreamReply {
+    pub body: Bytes,
+    /// False when KooDrive marked the response `no-store` or `private`.
+    pub storable: bool,
+}
+
+/// RFC 9111 §5.2.2: a response marked `no-store` must not be stored, and
+/// one marked `private` (even as `private="field"`) is kept out of shared
+/// caches; the gateway's cache is shared infrastructure, so both opt out.
+fn storable(headers: &http::HeaderMap) -> bool {
+    !headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|directive| directive.split('=').next().unwrap_or("").trim())
+        .any(|name| name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("private"))
 }
 
 /// Formats `X-Date`: `yyyyMMdd'T'HHmmss'Z'` in UTC, e.g. `20251103T070140Z`.
@@ -220,6 +245,20 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             Bytes::from(body.to_owned()),
         )
+    }
+
+    #[test]
+    fn no_store_and_private_responses_are_not_storable() {
+        let headers = |value: &'static str| {
+            let mut map = http::HeaderMap::new();
+            map.insert(http::header::CACHE_CONTROL, HeaderValue::from_static(value));
+            map
+        };
+        assert!(storable(&http::HeaderMap::new()));
+        assert!(storable(&headers("max-age=60")));
+        assert!(!storable(&headers("no-store")));
+        assert!(!storable(&headers("max-age=5, Private")));
+        assert!(!storable(&headers("private=\"x-user\"")));
     }
 
     #[test]

@@ -43,6 +43,7 @@ async fn valid_request_returns_the_users_data_over_http1_and_http2() {
                     "content-length",
                     "cache-control",
                     "x-traceid",
+                    "x-cache",
                     "date"
                 ]
                 .contains(&name.as_str()),

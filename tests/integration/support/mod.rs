@@ -50,6 +50,9 @@ pub struct Options {
     pub jwks_url: Option<String>,
     /// Extra lines for the `[auth]` section.
     pub auth_extra: &'static str,
+    /// The `[cache]` section's lines (default: cache off, so upstream
+    /// counters see every request).
+    pub cache: &'static str,
     /// Runs with the dev material directory before the gateway starts.
     pub before_start: Option<Hook>,
 }
@@ -62,6 +65,7 @@ impl Default for Options {
             exchange: false,
             jwks_url: None,
             auth_extra: "",
+            cache: "ttl_ms = 0",
             before_start: None,
         }
     }
@@ -74,6 +78,8 @@ pub struct TestEnv {
     pub addr: SocketAddr,
     /// The admin listener (`/healthz`, `/readyz`).
     pub admin: SocketAddr,
+    /// The response cache, when the test enabled it.
+    pub cache: Option<Arc<koodrive_gateway::cache::ResponseCache>>,
     _shutdown: oneshot::Sender<()>,
 }
 
@@ -188,14 +194,18 @@ impl TestEnv {
             {auth_extra}
             [token]
             {token}
+            [cache]
+            {cache}
             "#,
             certs = certs.display(),
             timeout = options.timeout_ms,
             auth_extra = options.auth_extra,
+            cache = options.cache,
         );
         let config = Config::from_toml(&toml).unwrap();
         let gateway = Gateway::build(&config).await.unwrap();
         let addr = gateway.local_addr().unwrap();
+        let cache = gateway.cache();
         let admin = gateway.admin_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(gateway.run(async {
@@ -206,6 +216,7 @@ impl TestEnv {
             emulator,
             addr,
             admin,
+            cache,
             _shutdown: shutdown,
         }
     }
