@@ -92,6 +92,8 @@ struct State {
     token_ttl: Mutex<Duration>,
     token_fault: Mutex<Fault>,
     exchanges: AtomicU64,
+    /// `Cache-Control` sent with successful jobs answers, if any.
+    cache_control: Mutex<Option<String>>,
 }
 
 impl Default for State {
@@ -106,6 +108,7 @@ impl Default for State {
             token_ttl: Mutex::new(DEFAULT_TOKEN_TTL),
             token_fault: Mutex::default(),
             exchanges: AtomicU64::new(0),
+            cache_control: Mutex::default(),
         }
     }
 }
@@ -231,6 +234,11 @@ impl Emulator {
         *lock(&self.state.token_fault) = fault;
     }
 
+    /// Sends `Cache-Control: value` with successful jobs answers.
+    pub fn set_cache_control(&self, value: Option<&str>) {
+        *lock(&self.state.cache_control) = value.map(str::to_owned);
+    }
+
     /// How many token requests reached the token endpoint.
     pub fn exchanges(&self) -> u64 {
         self.state.exchanges.load(Ordering::SeqCst)
@@ -344,7 +352,16 @@ fn answer_jobs(state: &State, request: &Request<Incoming>) -> Reply {
         params.status,
     );
     let body = json!({"code": 0, "msg": "OK", "data": jobs});
-    raw(StatusCode::OK, "application/json", &body.to_string())
+    let mut reply = raw(StatusCode::OK, "application/json", &body.to_string());
+    if let Some(value) = lock(&state.cache_control)
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        reply
+            .headers_mut()
+            .insert(http::header::CACHE_CONTROL, value);
+    }
+    reply
 }
 
 /// The user the request may act for: a known Bearer token, `X-User-Id`

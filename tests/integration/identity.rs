@@ -10,7 +10,9 @@ use koodrive_gateway::devcerts::JWKS;
 use koodrive_gateway::emulator::Fault;
 use tokio::task::JoinSet;
 
-use crate::support::{captured_log, JwksServer, Options, TestEnv, CLIENT_SECRET};
+use std::time::Duration;
+
+use crate::support::{captured_log, freeze_time, JwksServer, Options, TestEnv, CLIENT_SECRET};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
 
@@ -287,4 +289,52 @@ async fn no_secret_reaches_the_log_or_an_error_body() {
             );
         }
     }
+}
+
+/// Lets spawned work that needs only I/O (not time) finish.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..200_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_refreshed_ahead_and_served_until_expiry_when_the_endpoint_is_down() {
+    let _frozen = freeze_time();
+    let env = exchange_env().await;
+    // 600 s tokens, 60 s margin: usable 540 s, refreshed from 405 s on.
+    env.emulator.set_token_ttl(Duration::from_secs(600));
+    let token_of =
+        |env: &TestEnv| env.emulator.last_request().unwrap().headers["authorization"].clone();
+
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    let first = token_of(&env);
+    tokio::time::advance(Duration::from_secs(410)).await;
+    assert_eq!(
+        get(&env, &env.token("u-1")).await.status,
+        200,
+        "served while refreshing"
+    );
+    assert_eq!(token_of(&env), first, "the cached token is still used");
+    until(|| env.emulator.exchanges() == 2).await;
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_ne!(token_of(&env), first, "the refreshed token is used");
+
+    // The endpoint goes down; the second token (received at 410 s, usable
+    // until 950 s) keeps being served, past failed background refreshes.
+    env.emulator.set_token_fault(Fault::Status(500));
+    tokio::time::advance(Duration::from_secs(490)).await; // 900 s
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    until(|| env.emulator.exchanges() == 3).await;
+    tokio::time::advance(Duration::from_secs(49)).await; // 949 s
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    tokio::time::advance(Duration::from_secs(2)).await; // 951 s: expired
+    let reply = get(&env, &env.token("u-1")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error().0, "upstream_token_unavailable");
+    assert!(reply.headers.contains_key("retry-after"));
 }

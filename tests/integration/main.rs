@@ -3,6 +3,7 @@
 
 mod auth;
 mod binary;
+mod caching;
 mod faults;
 mod forwarding;
 mod identity;

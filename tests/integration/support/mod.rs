@@ -420,3 +420,25 @@ impl JwksServer {
         self.fetches.load(Ordering::SeqCst)
     }
 }
+
+/// Stops paused time from auto-advancing while the guard lives, so only
+/// `tokio::time::advance` moves the clock. (Auto-advance would otherwise
+/// jump to the next timer whenever the runtime waits on loopback I/O.)
+/// Tokio inhibits auto-advance while a blocking task runs; the guard keeps
+/// one running. Call inside a `start_paused` test.
+pub fn freeze_time() -> FrozenTime {
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    tokio::task::spawn_blocking(move || {
+        let _ = wait.recv();
+    });
+    FrozenTime(release)
+}
+
+/// Guard of [`freeze_time`].
+pub struct FrozenTime(std::sync::mpsc::Sender<()>);
+
+impl Drop for FrozenTime {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
