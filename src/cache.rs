@@ -343,12 +343,7 @@ fn served(entry: &Entry, status: CacheStatus, now: Instant) -> Served {
 
 /// Whether the request's `Cache-Control` carries `no-cache` (RFC 9111 §5.2.1.4).
 pub fn requests_no_cache(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+    crate::cache_control::has(headers, "no-cache")
 }
 
 #[cfg(test)]

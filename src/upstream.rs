@@ -17,6 +17,7 @@ use serde::Deserialize;
 use time::macros::format_description;
 use time::OffsetDateTime;
 
+use crate::cache_control;
 use crate::error::GatewayError;
 use crate::http_client::{self, FetchError, HttpsClient};
 use crate::jobs::{JobsQuery, JOBS_PATH};
@@ -136,13 +137,7 @@ pub struct UpstreamReply {
 /// one marked `private` (even as `private="field"`) is kept out of shared
 /// caches; the gateway's cache is shared infrastructure, so both opt out.
 fn storable(headers: &http::HeaderMap) -> bool {
-    !headers
-        .get_all(http::header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|directive| directive.split('=').next().unwrap_or("").trim())
-        .any(|name| name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("private"))
+    !(cache_control::has(headers, "no-store") || cache_control::has(headers, "private"))
 }
 
 /// Formats `X-Date`: `yyyyMMdd'T'HHmmss'Z'` in UTC, e.g. `20251103T070140Z`.

@@ -17,6 +17,7 @@ use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::time::Instant;
 
+use crate::cache_control;
 use crate::config::{AuthConfig, JwksSource};
 use crate::http_client::{self, FetchError, HttpsClient};
 
@@ -27,6 +28,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry delay after a failed background refresh; doubles up to the
 /// refresh period.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Shortest refresh period, however small the IdP's `max-age`.
+const MIN_REFRESH: Duration = Duration::from_secs(10);
 
 /// A JWKS that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,14 @@ impl KeySet {
     }
 }
 
+/// When the key set was last loaded and how long its source said it stays
+/// valid.
+#[derive(Clone, Copy, Debug)]
+struct Fetched {
+    at: Instant,
+    max_age: Option<Duration>,
+}
+
 /// The process's key set and how it is kept fresh.
 pub struct KeyStore {
     source: JwksSource,
@@ -138,6 +149,8 @@ pub struct KeyStore {
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     min_refetch: Duration,
     refresh: Duration,
+    /// When the key set was last fetched, and the `max-age` sent with it.
+    fetched: std::sync::Mutex<Fetched>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -164,6 +177,10 @@ impl KeyStore {
             last_refetch: tokio::sync::Mutex::new(None),
             min_refetch: config.jwks_min_refetch,
             refresh: config.jwks_refresh,
+            fetched: std::sync::Mutex::new(Fetched {
+                at: Instant::now(),
+                max_age: None,
+            }),
         });
         match store.fetch().await {
             Ok(set) => store.replace(set),
@@ -212,33 +229,60 @@ impl KeyStore {
         self.current()
     }
 
-    /// Refreshes forever: every `refresh` period while a key set exists,
-    /// with doubling retries while none does or a refresh fails.
+    /// When the next background refresh is due: `auth.jwks_refresh_s`
+    /// after the last fetch, or sooner — at three quarters of the key set's
+    /// cache lifetime when the JWKS URL sends `Cache-Control: max-age` —
+    /// but never less than 10 s after it.
+    fn next_refresh(&self) -> Instant {
+        let fetched = *self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        let period = match fetched.max_age {
+            Some(max_age) => self.refresh.min(max_age * 3 / 4).max(MIN_REFRESH),
+            None => self.refresh,
+        };
+        fetched.at + period
+    }
+
+    /// Refreshes forever: when [`Self::next_refresh`] is due while
+    /// refreshes succeed, on a doubling retry schedule (from 1 s up to the
+    /// refresh period) while none has succeeded or the last one failed.
     pub async fn keep_fresh(self: Arc<Self>) {
-        let mut retry = RETRY_FIRST;
+        let mut retry = self.current().is_none().then_some(RETRY_FIRST);
         loop {
-            let wait = if self.current().is_some() {
-                self.refresh
-            } else {
-                retry
+            let due = match retry {
+                Some(delay) => Instant::now() + delay,
+                None => self.next_refresh(),
             };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(due).await;
+            // An on-demand refetch may have renewed the set meanwhile.
+            if retry.is_none() && self.next_refresh() > Instant::now() {
+                continue;
+            }
             match self.fetch().await {
                 Ok(set) => {
                     self.replace(set);
-                    retry = RETRY_FIRST;
+                    retry = None;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "JWKS refresh failed; keeping the last good key set");
-                    retry = (retry * 2).min(self.refresh);
+                    retry = Some(retry.map_or(RETRY_FIRST, |d| (d * 2).min(self.refresh)));
                 }
             }
         }
     }
 
+    /// Loads the key set once and records when (and its `max-age`).
     async fn fetch(&self) -> Result<KeySet, JwksError> {
+        let (set, max_age) = self.load_once().await?;
+        *self.fetched.lock().unwrap_or_else(|p| p.into_inner()) = Fetched {
+            at: Instant::now(),
+            max_age,
+        };
+        Ok(set)
+    }
+
+    async fn load_once(&self) -> Result<(KeySet, Option<Duration>), JwksError> {
         match &self.source {
-            JwksSource::File(path) => KeySet::from_file(path),
+            JwksSource::File(path) => Ok((KeySet::from_file(path)?, None)),
             JwksSource::Url(url) => {
                 let request = Request::get(url.clone())
                     .header(ACCEPT, "application/json, application/jwk-set+json")
@@ -250,7 +294,9 @@ impl KeyStore {
                 if fetched.status != http::StatusCode::OK {
                     return Err(JwksError::Status(fetched.status.as_u16()));
                 }
-                KeySet::from_json(&fetched.body)
+                let set = KeySet::from_json(&fetched.body)?;
+                let max_age = cache_control::max_age(&fetched.headers).map(Duration::from_secs);
+                Ok((set, max_age))
             }
         }
     }

@@ -338,3 +338,42 @@ async fn tokens_are_refreshed_ahead_and_served_until_expiry_when_the_endpoint_is
     assert_eq!(reply.error().0, "upstream_token_unavailable");
     assert!(reply.headers.contains_key("retry-after"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_key_set_is_refreshed_ahead_of_its_max_age() {
+    let _frozen = freeze_time();
+    let server = Arc::new(JwksServer::start(None).await);
+    server.set_max_age(Some(40));
+    let env = with_jwks_url(&server, "").await;
+    assert_eq!(server.fetches(), 1);
+    // Three quarters of 40 s: no refresh at 29 s, one by 31 s.
+    tokio::time::advance(Duration::from_secs(29)).await;
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(server.fetches(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    until(|| server.fetches() == 2).await;
+    // Let the refresh finish reading its answer before time moves on.
+    for _ in 0..10_000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    // A refresh that fails keeps the last good key set. (The first attempt
+    // may fail on a pooled connection the server closed while time jumped;
+    // the 1 s retry then reaches it.)
+    server.set(None);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    for _ in 0..5 {
+        for _ in 0..10_000 {
+            tokio::task::yield_now().await;
+        }
+        if server.fetches() >= 3 {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert!(server.fetches() >= 3, "the refresh was attempted");
+    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.admin_status("/readyz").await, 200);
+}

@@ -365,6 +365,7 @@ pub struct JwksServer {
     pub url: String,
     fetches: Arc<AtomicU64>,
     body: Arc<Mutex<Option<String>>>,
+    max_age: Arc<Mutex<Option<u64>>>,
     _shutdown: oneshot::Sender<()>,
 }
 
@@ -377,20 +378,26 @@ impl JwksServer {
         );
         let fetches = Arc::new(AtomicU64::new(0));
         let body = Arc::new(Mutex::new(body));
+        let max_age = Arc::new(Mutex::new(None::<u64>));
         let (shutdown, stop) = oneshot::channel::<()>();
-        let (count, document) = (fetches.clone(), body.clone());
+        let (count, document, lifetime) = (fetches.clone(), body.clone(), max_age.clone());
         let service =
             hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
                 count.fetch_add(1, Ordering::SeqCst);
                 let document = document.lock().unwrap().clone();
+                let lifetime = *lifetime.lock().unwrap();
                 async move {
-                    let response = match document {
+                    let mut response = match document {
                         Some(json) => http::Response::new(Full::new(Bytes::from(json))),
                         None => http::Response::builder()
                             .status(503)
                             .body(Full::new(Bytes::from_static(b"down")))
                             .unwrap(),
                     };
+                    if let Some(seconds) = lifetime {
+                        let value = format!("max-age={seconds}").parse().unwrap();
+                        response.headers_mut().insert("cache-control", value);
+                    }
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
@@ -407,6 +414,7 @@ impl JwksServer {
             url,
             fetches,
             body,
+            max_age,
             _shutdown: shutdown,
         }
     }
@@ -414,6 +422,11 @@ impl JwksServer {
     /// Serves `body` from now on (`None`: answer 503).
     pub fn set(&self, body: Option<String>) {
         *self.body.lock().unwrap() = body;
+    }
+
+    /// Sends `Cache-Control: max-age=seconds` from now on.
+    pub fn set_max_age(&self, seconds: Option<u64>) {
+        *self.max_age.lock().unwrap() = seconds;
     }
 
     pub fn fetches(&self) -> u64 {
