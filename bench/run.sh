@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Throughput and latency of the gateway against the KooDrive emulator called
+# directly, in one run on this machine, reported as ratios (the machine is
+# shared and noisy: absolute numbers mean little, ratios within a run do).
+#
+#   bench/run.sh [DURATION_SECONDS] [CONNECTIONS]
+#
+# Needs wrk (Debian: apt-get install wrk). Everything listens on loopback;
+# every load runs for a bounded time and then stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-10}
+connections=${2:-32}
+command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
+
+cargo build --release --quiet
+bin=target/release/koodrive-gateway
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+user=bench-user
+token=bench-koodrive-token
+echo "{\"$user\": \"$token\"}" > "$work/tokens.json"
+emulator_port=19443
+gateway_port=18443
+path="/koodrive/ose/v1/jobs?offset=0&limit=10"
+
+"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
+pids+=($!)
+
+write_config() { # $1 = cache ttl_ms
+  cat > "$work/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$gateway_port"
+tls_cert = "$work/certs/server.crt"
+tls_key = "$work/certs/server.key"
+dev_certs_dir = "$work/certs"
+[upstream]
+base_url = "http://127.0.0.1:$emulator_port"
+[auth]
+issuer = "https://idp.bench"
+audience = "koodrive-gateway"
+jwks_file = "$work/certs/jwks.json"
+[token]
+mode = "static"
+static_tokens_file = "$work/tokens.json"
+[cache]
+ttl_ms = $1
+TOML
+}
+
+wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
+
+# wrk prints "Requests/sec: N" and "Latency avg stdev max"; keep both.
+measure() { # $1 = label, rest = wrk args
+  local label=$1; shift
+  local out
+  out=$(wrk -t2 -c"$connections" -d"${duration}s" --latency "$@")
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local non2xx
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  printf '%-28s %10s req/s   p50 %8s   p99 %8s   non-2xx %s\n' "$label" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  echo "$rps" > "$work/$label.rps"
+}
+
+wait_port $emulator_port
+x_date=$(date -u +%Y%m%dT%H%M%SZ)
+measure direct -H "Authorization: Bearer $token" -H "X-User-Id: $user" -H "X-Date: $x_date" \
+  "http://127.0.0.1:$emulator_port$path"
+
+for ttl in 0 5000; do
+  write_config $ttl
+  "$bin" serve --config "$work/gateway.toml" 2>"$work/gateway-$ttl.log" &
+  gw=$!
+  pids+=($gw)
+  wait_port $gateway_port
+  jwt=$("$bin" dev-token --config "$work/gateway.toml" --user "$user" 2>/dev/null)
+  label=gateway-cache-$([ $ttl = 0 ] && echo off || echo on)
+  measure "$label" -H "Authorization: Bearer $jwt" "https://127.0.0.1:$gateway_port$path"
+  rss=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
+  echo "  gateway peak RSS: $((rss / 1024)) MiB"
+  kill $gw; wait $gw 2>/dev/null || true
+done
+
+direct=$(cat "$work/direct.rps")
+for label in gateway-cache-off gateway-cache-on; do
+  awk -v g="$(cat "$work/$label.rps")" -v d="$direct" -v l="$label" \
+    'BEGIN { printf "%-28s %.2f x direct throughput\n", l, g / d }'
+done
