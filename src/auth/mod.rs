@@ -189,9 +189,14 @@ impl Verifier {
 /// is case-insensitive, RFC 9110 §11.1). The header's size is capped before
 /// anything is decoded.
 fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayError> {
-    let value = headers
-        .get(AUTHORIZATION)
-        .ok_or(GatewayError::MissingCredentials)?;
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or(GatewayError::MissingCredentials)?;
+    // Two credentials in one request are ambiguous: refuse rather than pick.
+    if values.next().is_some() {
+        return Err(GatewayError::InvalidCredentials(
+            "more than one authorization header".into(),
+        ));
+    }
     if value.len() > max_bytes {
         return Err(GatewayError::InvalidCredentials(
             "authorization header too large".into(),
@@ -267,6 +272,16 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let mut map = headers("Bearer a");
+        map.append(AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert!(matches!(
+            bearer_token(&map, MAX),
+            Err(GatewayError::InvalidCredentials(_))
+        ));
     }
 
     #[test]
