@@ -9,7 +9,7 @@ use koodrive_gateway::emulator::data::jobs_of;
 use koodrive_gateway::emulator::Fault;
 use tokio::task::JoinSet;
 
-use crate::support::{freeze_time, task_ids, Options, Reply, TestEnv};
+use crate::support::{freeze_time, task_ids, Options, TestEnv};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=5";
 
@@ -34,24 +34,17 @@ fn expected_ids(user: &str, offset: usize, limit: usize) -> Vec<String> {
         .collect()
 }
 
-async fn get_with(env: &TestEnv, user: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
-    let auth = format!("Bearer {}", env.token(user));
-    let mut headers = vec![("authorization", auth.as_str())];
-    headers.extend_from_slice(extra);
-    env.send(Version::HTTP_2, "GET", path, &headers, None).await
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_second_request_within_ttl_is_a_hit_with_age_and_a_miss_after() {
     let _frozen = freeze_time();
     let env = cached_env("ttl_ms = 5000").await;
-    let first = get_with(&env, "u-1", PATH, &[]).await;
+    let first = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), "MISS");
     assert!(!first.headers.contains_key("age"));
 
     tokio::time::advance(Duration::from_secs(3)).await;
-    let second = get_with(&env, "u-1", PATH, &[]).await;
+    let second = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(second.header("x-cache"), "HIT");
     assert_eq!(second.header("age"), "3");
     assert_eq!(second.body, first.body);
@@ -62,7 +55,7 @@ async fn a_second_request_within_ttl_is_a_hit_with_age_and_a_miss_after() {
     );
 
     tokio::time::advance(Duration::from_secs(3)).await;
-    let third = get_with(&env, "u-1", PATH, &[]).await;
+    let third = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(third.header("x-cache"), "MISS");
     assert_eq!(env.emulator.jobs_requests(), 2);
 }
@@ -74,7 +67,7 @@ async fn users_never_see_each_others_jobs_from_the_cache() {
     for round in 0..2 {
         for user in ["u-1", "u-2"] {
             for language in ["en-US", "zh_CN"] {
-                let reply = get_with(&env, user, PATH, &[("language", language)]).await;
+                let reply = env.get_with(user, PATH, &[("language", language)]).await;
                 assert_eq!(reply.status, 200);
                 assert_eq!(
                     task_ids(&reply.json()),
@@ -96,7 +89,7 @@ async fn users_never_see_each_others_jobs_from_the_cache() {
     for i in 0..40 {
         let env = env.clone();
         let user = if i % 2 == 0 { "u-1" } else { "u-2" };
-        requests.spawn(async move { (user, get_with(&env, user, PATH, &[]).await) });
+        requests.spawn(async move { (user, env.get_with(user, PATH, &[]).await) });
     }
     while let Some(result) = requests.join_next().await {
         let (user, reply) = result.unwrap();
@@ -108,12 +101,12 @@ async fn users_never_see_each_others_jobs_from_the_cache() {
 async fn a_hundred_concurrent_identical_misses_make_one_upstream_call() {
     let _frozen = freeze_time();
     let env = cached_env("ttl_ms = 5000").await;
-    assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 200);
+    assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 200);
     tokio::time::advance(Duration::from_secs(6)).await;
     let mut requests = JoinSet::new();
     for _ in 0..100 {
         let env = env.clone();
-        requests.spawn(async move { get_with(&env, "u-1", PATH, &[]).await });
+        requests.spawn(async move { env.get_with("u-1", PATH, &[]).await });
     }
     while let Some(reply) = requests.join_next().await {
         let reply = reply.unwrap();
@@ -141,7 +134,7 @@ async fn a_hundred_requests_over_ten_keys_make_ten_upstream_calls() {
         let offset = i % 10;
         requests.spawn(async move {
             let path = format!("/koodrive/ose/v1/jobs?offset={offset}&limit=3");
-            (offset, get_with(&env, "u-3", &path, &[]).await)
+            (offset, env.get_with("u-3", &path, &[]).await)
         });
     }
     while let Some(result) = requests.join_next().await {
@@ -163,12 +156,12 @@ async fn failures_are_never_cached() {
         env.emulator.set_fault(fault.clone());
         let before = env.emulator.jobs_requests();
         assert_eq!(
-            get_with(&env, "u-1", PATH, &[]).await.status,
+            env.get_with("u-1", PATH, &[]).await.status,
             502,
             "{fault:?}"
         );
         assert_eq!(
-            get_with(&env, "u-1", PATH, &[]).await.status,
+            env.get_with("u-1", PATH, &[]).await.status,
             502,
             "{fault:?}"
         );
@@ -179,7 +172,7 @@ async fn failures_are_never_cached() {
         );
     }
     env.emulator.set_fault(Fault::None);
-    let reply = get_with(&env, "u-1", PATH, &[]).await;
+    let reply = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(reply.header("x-cache"), "MISS");
 }
 
@@ -196,10 +189,10 @@ async fn a_timeout_is_not_cached() {
     env.emulator
         .set_fault(Fault::Latency(Duration::from_secs(30)));
     // Auto-advance jumps to the gateway's 1 s timeout.
-    assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 504);
+    assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 504);
     let _frozen = freeze_time();
     env.emulator.set_fault(Fault::None);
-    let reply = get_with(&env, "u-1", PATH, &[]).await;
+    let reply = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-cache"), "MISS");
 }
@@ -208,17 +201,17 @@ async fn a_timeout_is_not_cached() {
 async fn stale_if_error_serves_an_expired_entry_within_its_limit_only() {
     let _frozen = freeze_time();
     let env = cached_env("ttl_ms = 5000\nstale_if_error_ms = 60000").await;
-    let fresh = get_with(&env, "u-1", PATH, &[]).await;
+    let fresh = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(fresh.status, 200);
     env.emulator.set_fault(Fault::Status(500));
     tokio::time::advance(Duration::from_secs(30)).await;
-    let stale = get_with(&env, "u-1", PATH, &[]).await;
+    let stale = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(stale.status, 200);
     assert_eq!(stale.header("x-cache"), "STALE");
     assert_eq!(stale.header("age"), "30");
     assert_eq!(stale.body, fresh.body);
     tokio::time::advance(Duration::from_secs(40)).await;
-    let too_old = get_with(&env, "u-1", PATH, &[]).await;
+    let too_old = env.get_with("u-1", PATH, &[]).await;
     assert_eq!(too_old.status, 502);
 }
 
@@ -226,30 +219,34 @@ async fn stale_if_error_serves_an_expired_entry_within_its_limit_only() {
 async fn stale_if_error_is_off_by_default() {
     let _frozen = freeze_time();
     let env = cached_env("ttl_ms = 5000").await;
-    assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 200);
+    assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 200);
     env.emulator.set_fault(Fault::Status(500));
     tokio::time::advance(Duration::from_secs(6)).await;
-    assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 502);
+    assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 502);
 }
 
 #[tokio::test]
 async fn no_cache_bypasses_and_refreshes_unless_ignored() {
     let env = cached_env("ttl_ms = 600000").await;
     assert_eq!(
-        get_with(&env, "u-1", PATH, &[]).await.header("x-cache"),
+        env.get_with("u-1", PATH, &[]).await.header("x-cache"),
         "MISS"
     );
-    let bypass = get_with(&env, "u-1", PATH, &[("cache-control", "no-cache")]).await;
+    let bypass = env
+        .get_with("u-1", PATH, &[("cache-control", "no-cache")])
+        .await;
     assert_eq!(bypass.header("x-cache"), "BYPASS");
     assert_eq!(env.emulator.jobs_requests(), 2);
     assert_eq!(
-        get_with(&env, "u-1", PATH, &[]).await.header("x-cache"),
+        env.get_with("u-1", PATH, &[]).await.header("x-cache"),
         "HIT"
     );
 
     let ignoring = cached_env("ttl_ms = 600000\nhonor_client_no_cache = false").await;
-    get_with(&ignoring, "u-1", PATH, &[]).await;
-    let hit = get_with(&ignoring, "u-1", PATH, &[("cache-control", "no-cache")]).await;
+    ignoring.get_with("u-1", PATH, &[]).await;
+    let hit = ignoring
+        .get_with("u-1", PATH, &[("cache-control", "no-cache")])
+        .await;
     assert_eq!(hit.header("x-cache"), "HIT");
     assert_eq!(ignoring.emulator.jobs_requests(), 1);
 }
@@ -260,9 +257,9 @@ async fn upstream_no_store_and_private_answers_are_not_cached() {
     for directive in ["no-store", "private, max-age=60"] {
         env.emulator.set_cache_control(Some(directive));
         let before = env.emulator.jobs_requests();
-        assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 200);
+        assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 200);
         assert_eq!(
-            get_with(&env, "u-1", PATH, &[]).await.header("x-cache"),
+            env.get_with("u-1", PATH, &[]).await.header("x-cache"),
             "MISS"
         );
         assert_eq!(env.emulator.jobs_requests(), before + 2, "{directive}");
@@ -274,7 +271,7 @@ async fn the_byte_bound_holds() {
     let env = cached_env("ttl_ms = 600000\nmax_bytes = 16384").await;
     for offset in 0..40 {
         let path = format!("/koodrive/ose/v1/jobs?offset={offset}&limit=100");
-        assert_eq!(get_with(&env, "u-1", &path, &[]).await.status, 200);
+        assert_eq!(env.get_with("u-1", &path, &[]).await.status, 200);
     }
     let stats = env.cache.as_ref().unwrap().stats().await;
     assert!(stats.bytes <= 16384, "{stats:?}");
@@ -285,7 +282,7 @@ async fn the_byte_bound_holds() {
 #[tokio::test]
 async fn a_cached_query_still_needs_a_valid_jwt() {
     let env = cached_env("ttl_ms = 600000").await;
-    assert_eq!(get_with(&env, "u-1", PATH, &[]).await.status, 200);
+    assert_eq!(env.get_with("u-1", PATH, &[]).await.status, 200);
     let now = jsonwebtoken::get_current_timestamp();
     let mut claims = env.claims("u-1");
     claims["exp"] = (now - 3600).into();
@@ -308,9 +305,13 @@ async fn a_cached_query_still_needs_a_valid_jwt() {
 #[tokio::test]
 async fn a_hit_carries_the_new_requests_trace_id() {
     let env = cached_env("ttl_ms = 600000").await;
-    let first = get_with(&env, "u-1", PATH, &[("x-traceid", "first-trace")]).await;
+    let first = env
+        .get_with("u-1", PATH, &[("x-traceid", "first-trace")])
+        .await;
     assert_eq!(first.header("x-traceid"), "first-trace");
-    let hit = get_with(&env, "u-1", PATH, &[("x-traceid", "second-trace")]).await;
+    let hit = env
+        .get_with("u-1", PATH, &[("x-traceid", "second-trace")])
+        .await;
     assert_eq!(hit.header("x-cache"), "HIT");
     assert_eq!(hit.header("x-traceid"), "second-trace");
     assert!(!String::from_utf8_lossy(&hit.body).contains("first-trace"));
@@ -321,7 +322,7 @@ async fn ttl_zero_turns_the_cache_off() {
     let env = cached_env("ttl_ms = 0").await;
     for _ in 0..3 {
         assert_eq!(
-            get_with(&env, "u-1", PATH, &[]).await.header("x-cache"),
+            env.get_with("u-1", PATH, &[]).await.header("x-cache"),
             "BYPASS"
         );
     }

@@ -184,14 +184,11 @@ async fn a_body_on_the_get_is_rejected() {
 #[tokio::test]
 async fn a_bad_language_header_is_a_400_naming_it() {
     let env = TestEnv::start().await;
-    let auth = format!("Bearer {}", env.token("u-1"));
     let reply = env
-        .send(
-            Version::HTTP_11,
-            "GET",
+        .get_with(
+            "u-1",
             &format!("{JOBS}?offset=0&limit=1"),
-            &[("authorization", &auth), ("language", "en-US;q=0.9")],
-            None,
+            &[("language", "en-US;q=0.9")],
         )
         .await;
     assert_eq!(reply.status, 400);

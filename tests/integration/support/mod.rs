@@ -258,15 +258,22 @@ impl TestEnv {
 
     /// `GET path_and_query` over HTTP/1.1 with `user`'s valid token.
     pub async fn get_as(&self, user: &str, path_and_query: &str) -> Reply {
+        self.get_with(user, path_and_query, &[]).await
+    }
+
+    /// `GET path_and_query` over HTTP/1.1 with `user`'s valid token and
+    /// `extra` headers.
+    pub async fn get_with(
+        &self,
+        user: &str,
+        path_and_query: &str,
+        extra: &[(&str, &str)],
+    ) -> Reply {
         let auth = format!("Bearer {}", self.token(user));
-        self.send(
-            Version::HTTP_11,
-            "GET",
-            path_and_query,
-            &[("authorization", &auth)],
-            None,
-        )
-        .await
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend_from_slice(extra);
+        self.send(Version::HTTP_11, "GET", path_and_query, &headers, None)
+            .await
     }
 
     /// Sends one request over real TLS with the given HTTP version.
