@@ -33,9 +33,9 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
-use crate::auth::{JwksError, KeyStore, Verifier};
+use crate::auth::{JwksError, KeySet, KeyStore, Verifier};
 use crate::cache::ResponseCache;
-use crate::config::{Config, Secret, TokenConfig, TokenEndpoint, UpstreamTarget};
+use crate::config::{Config, JwksSource, Secret, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::pipeline::Pipeline;
@@ -94,6 +94,26 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Reads every file the config names — TLS certificate and key, extra
+    /// CA, JWKS file, static token file — as a start would, without binding
+    /// ports or fetching URLs. Development material is created if asked.
+    pub fn check_files(config: &Config) -> Result<(), StartError> {
+        if let Some(dir) = &config.server.dev_certs_dir {
+            devcerts::ensure(dir)?;
+        }
+        if let Some(files) = &config.server.tls {
+            tls::server_config(files)?;
+        }
+        tls::client_config(config.upstream.ca_file.as_deref())?;
+        if let JwksSource::File(path) = &config.auth.jwks {
+            KeySet::from_file(path)?;
+        }
+        if let TokenConfig::Static { tokens_file } = &config.token {
+            TokenSource::from_static_file(tokens_file)?;
+        }
+        Ok(())
+    }
+
     /// Builds the gateway from config: creates dev material if asked, loads
     /// keys, tokens and certificates, starts the embedded emulator if
     /// configured, and binds the listener last.

@@ -33,8 +33,14 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate the configuration and print it with defaults filled in.
-    CheckConfig,
+    /// Validate the configuration (values and the files it names) and print
+    /// it with defaults filled in.
+    CheckConfig {
+        /// Check values only, not the files (for a config meant for another
+        /// machine).
+        #[arg(long)]
+        skip_files: bool,
+    },
     /// Run the KooDrive emulator alone.
     Emulator {
         /// Address to listen on (plain HTTP).
@@ -69,7 +75,7 @@ async fn main() -> Result<()> {
     install_default_providers();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config).await,
-        Command::CheckConfig => check_config(&cli.config),
+        Command::CheckConfig { skip_files } => check_config(&cli.config, skip_files),
         Command::Emulator {
             listen,
             tokens,
@@ -114,8 +120,11 @@ async fn serve(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_config(path: &Path) -> Result<()> {
-    let (_, file) = load(path)?;
+fn check_config(path: &Path, skip_files: bool) -> Result<()> {
+    let (config, file) = load(path)?;
+    if !skip_files {
+        Gateway::check_files(&config)?;
+    }
     // The file holds no secret values (only the names of variables that
     // do), so it can be printed as it is.
     println!("{}", toml::to_string_pretty(&file)?);

@@ -130,7 +130,13 @@ async fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
         "config/production.example.toml",
         "config/sidecar.example.toml",
     ] {
-        let out = run(dir.path(), &["check-config", "--config", config]).await;
+        // The examples name files of a production machine: values only.
+        let args: &[&str] = if config == "config/gateway.toml" {
+            &["check-config", "--config", config]
+        } else {
+            &["check-config", "--skip-files", "--config", config]
+        };
+        let out = run(dir.path(), args).await;
         assert!(
             out.status.success(),
             "{config}: {}",
@@ -148,6 +154,24 @@ async fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
     let out = run(dir.path(), &["check-config", "--config", "config/bad.toml"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("retries"));
+
+    // Referenced files are read too: a missing JWKS file fails the check.
+    let text = std::fs::read_to_string(dir.path().join("config/sidecar.example.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("config/sidecar-local.toml"),
+        text.replace(
+            "/etc/koodrive-gateway/idp-jwks.json",
+            "config/missing-jwks.json",
+        ),
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &["check-config", "--config", "config/sidecar-local.toml"],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing-jwks.json"));
 
     let out = Command::new(BIN)
         .args(["check-config"])
