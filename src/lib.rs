@@ -28,7 +28,7 @@ use std::time::Duration;
 use http::header::AUTHORIZATION;
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -218,11 +218,11 @@ impl Gateway {
         // as the gateway serves.
         let _emulator = self.emulator;
         let _tasks = self.tasks;
-        // One shutdown signal for both listeners; readiness turns false first.
-        let (draining_tx, draining) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|draining| *draining).await;
-        };
+        // On the shutdown signal readiness turns false and the public
+        // listener drains; the admin listener keeps answering (`/readyz`
+        // 503) until the drain is over, so probes see the gateway leave.
+        let (draining_tx, mut draining) = watch::channel(false);
+        let (admin_stop, admin_stopped) = oneshot::channel::<()>();
         let admin = self.admin.map(|(listener, keys)| {
             let health = Health {
                 keys,
@@ -232,26 +232,20 @@ impl Gateway {
                 let health = health.clone();
                 async move { health.handle(request).await }
             });
-            tokio::spawn(server::serve(
-                listener,
-                None,
-                service,
-                stopped(draining.clone()),
-                self.grace,
-            ))
+            let stopped = async {
+                let _ = admin_stopped.await;
+            };
+            tokio::spawn(server::serve(listener, None, service, stopped, self.grace))
         });
         tokio::spawn(async move {
             shutdown.await;
             let _ = draining_tx.send(true);
         });
-        server::serve(
-            self.listener,
-            self.tls,
-            service,
-            stopped(draining),
-            self.grace,
-        )
-        .await;
+        let drain = async move {
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        server::serve(self.listener, self.tls, service, drain, self.grace).await;
+        let _ = admin_stop.send(());
         if let Some(admin) = admin {
             let _ = admin.await;
         }

@@ -7,5 +7,6 @@ mod caching;
 mod faults;
 mod forwarding;
 mod identity;
+mod lifecycle;
 mod support;
 mod validation;

@@ -80,7 +80,7 @@ pub struct TestEnv {
     pub admin: SocketAddr,
     /// The response cache, when the test enabled it.
     pub cache: Option<Arc<koodrive_gateway::cache::ResponseCache>>,
-    _shutdown: oneshot::Sender<()>,
+    shutdown: Option<oneshot::Sender<()>>,
 }
 
 /// A response read to the end.
@@ -217,7 +217,14 @@ impl TestEnv {
             addr,
             admin,
             cache,
-            _shutdown: shutdown,
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// Sends the gateway its shutdown signal (as SIGTERM does).
+    pub fn shutdown(&mut self) {
+        if let Some(signal) = self.shutdown.take() {
+            let _ = signal.send(());
         }
     }
 
