@@ -243,6 +243,37 @@ mod tests {
     }
 
     #[test]
+    fn base_url_path_prefixes_are_kept() {
+        let client = http_client::build(crate::server::tls::client_config(None).unwrap());
+        for (base, expected) in [
+            (
+                "https://kd.example.com",
+                "https://kd.example.com/koodrive/ose/v1/jobs",
+            ),
+            (
+                "https://kd.example.com/",
+                "https://kd.example.com/koodrive/ose/v1/jobs",
+            ),
+            (
+                "https://kd.example.com:8443/api/",
+                "https://kd.example.com:8443/api/koodrive/ose/v1/jobs",
+            ),
+            (
+                "http://127.0.0.1:9443",
+                "http://127.0.0.1:9443/koodrive/ose/v1/jobs",
+            ),
+        ] {
+            let upstream = Upstream::new(
+                &base.parse().unwrap(),
+                client.clone(),
+                Duration::from_secs(1),
+                1024,
+            );
+            assert_eq!(upstream.jobs_url, expected, "{base}");
+        }
+    }
+
+    #[test]
     fn no_store_and_private_responses_are_not_storable() {
         let headers = |value: &'static str| {
             let mut map = http::HeaderMap::new();
