@@ -292,9 +292,11 @@ fn token_source(
                         ))?,
                 ),
                 (TokenEndpoint::Embedded, Some(emulator)) => {
-                    let secret = exchange.client_secret.clone().unwrap_or_else(|| {
-                        Secret::new(trace_id::TraceId::generate().as_str().to_owned())
-                    });
+                    // 128 random bits, known only to this process and its emulator.
+                    let secret = exchange
+                        .client_secret
+                        .clone()
+                        .unwrap_or_else(|| Secret::new(format!("{:032x}", rand::random::<u128>())));
                     emulator.set_client(&exchange.client_id, secret.expose());
                     emulator.set_user_claim(&config.auth.user_id_claim);
                     (emulator_url(&emulator.token_url())?, secret)
