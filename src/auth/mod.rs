@@ -70,9 +70,9 @@ pub struct Authenticated {
 #[derive(Debug)]
 pub struct Verifier {
     keys: Arc<KeyStore>,
-    algorithms: Vec<Algorithm>,
-    issuer: String,
-    audience: String,
+    /// One ready `Validation` per accepted algorithm, built at start-up;
+    /// an algorithm not in here is refused.
+    validations: Vec<(Algorithm, Validation)>,
     leeway: Duration,
     principal_claim: String,
     user_id_claim: String,
@@ -85,9 +85,11 @@ impl Verifier {
     pub fn new(config: &AuthConfig, keys: Arc<KeyStore>) -> Verifier {
         Verifier {
             keys,
-            algorithms: config.algorithms.clone(),
-            issuer: config.issuer.clone(),
-            audience: config.audience.clone(),
+            validations: config
+                .algorithms
+                .iter()
+                .map(|alg| (*alg, validation(config, *alg)))
+                .collect(),
             leeway: config.leeway,
             principal_claim: config.principal_claim.clone(),
             user_id_claim: config.user_id_claim.clone(),
@@ -111,9 +113,12 @@ impl Verifier {
         let invalid = |reason: &str| GatewayError::InvalidCredentials(reason.to_owned());
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| invalid("malformed token or unsupported algorithm"))?;
-        if !self.algorithms.contains(&header.alg) {
-            return Err(invalid("algorithm not accepted"));
-        }
+        let validation = self
+            .validations
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, validation)| validation)
+            .ok_or_else(|| invalid("algorithm not accepted"))?;
         if header.jwk.is_some()
             || header.jku.is_some()
             || header.x5u.is_some()
@@ -152,28 +157,20 @@ impl Verifier {
             .find(header.kid.as_deref(), header.alg)
             .ok_or_else(|| invalid("no matching verification key"))?;
 
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.validate_nbf = true;
-        validation.leeway = self.leeway.as_secs();
-
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::ExpiredSignature => GatewayError::ExpiredCredentials,
-            ErrorKind::ImmatureSignature => invalid("token is not valid yet (nbf)"),
-            ErrorKind::InvalidIssuer => invalid("wrong issuer"),
-            ErrorKind::InvalidAudience => invalid("wrong audience"),
-            ErrorKind::InvalidSignature => invalid("signature does not verify"),
-            ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
-                "exp" => invalid("missing claim `exp`"),
-                "iss" => invalid("missing claim `iss`"),
-                _ => invalid("missing claim `aud`"),
-            },
-            _ => invalid("malformed token"),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => GatewayError::ExpiredCredentials,
+                ErrorKind::ImmatureSignature => invalid("token is not valid yet (nbf)"),
+                ErrorKind::InvalidIssuer => invalid("wrong issuer"),
+                ErrorKind::InvalidAudience => invalid("wrong audience"),
+                ErrorKind::InvalidSignature => invalid("signature does not verify"),
+                ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                    "exp" => invalid("missing claim `exp`"),
+                    "iss" => invalid("missing claim `iss`"),
+                    _ => invalid("missing claim `aud`"),
+                },
+                _ => invalid("malformed token"),
+            })?;
         let claims = data.claims;
         if claims.issued_in_future(self.leeway) {
             return Err(invalid("token issued in the future (iat)"));
@@ -183,6 +180,18 @@ impl Verifier {
             user_id: identity(&claims, &self.user_id_claim)?,
         })
     }
+}
+
+/// The claim checks for tokens signed with `alg`: this algorithm only,
+/// `iss`, `aud` and `exp` required, `nbf` checked, with the leeway.
+fn validation(config: &AuthConfig, alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    validation.validate_nbf = true;
+    validation.leeway = config.leeway.as_secs();
+    validation
 }
 
 /// The token of `Authorization: Bearer <token>` (RFC 6750 §2.1; the scheme
