@@ -239,15 +239,7 @@ async fn bad_tokens_are_401_and_never_reach_upstream() {
     );
 
     // Control: the untouched token works.
-    let reply = env
-        .send(
-            Version::HTTP_11,
-            "GET",
-            PATH,
-            &[("authorization", &format!("Bearer {valid}"))],
-            None,
-        )
-        .await;
+    let reply = env.get_bearer(&valid, PATH).await;
     assert_eq!(reply.status, 200);
 }
 

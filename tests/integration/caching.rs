@@ -287,15 +287,7 @@ async fn a_cached_query_still_needs_a_valid_jwt() {
     let mut claims = env.claims("u-1");
     claims["exp"] = (now - 3600).into();
     let expired = env.sign(&claims);
-    let reply = env
-        .send(
-            Version::HTTP_11,
-            "GET",
-            PATH,
-            &[("authorization", &format!("Bearer {expired}"))],
-            None,
-        )
-        .await;
+    let reply = env.get_bearer(&expired, PATH).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.error().0, "token_expired");
     let anonymous = env.send(Version::HTTP_11, "GET", PATH, &[], None).await;

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use http::Version;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use koodrive_gateway::devcerts::JWKS;
@@ -29,17 +28,6 @@ fn sign_with(env: &TestEnv, key: &EncodingKey, kid: &str, user: &str) -> String 
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some(kid.into());
     jsonwebtoken::encode(&header, &env.claims(user), key).unwrap()
-}
-
-async fn get(env: &TestEnv, jwt: &str) -> crate::support::Reply {
-    env.send(
-        Version::HTTP_11,
-        "GET",
-        PATH,
-        &[("authorization", &format!("Bearer {jwt}"))],
-        None,
-    )
-    .await
 }
 
 /// Starts a gateway whose keys come from `server`, which starts out
@@ -70,11 +58,13 @@ async fn a_key_rotated_in_after_start_up_is_accepted_without_restart() {
     let env = with_jwks_url(&server, "").await;
     assert_eq!(server.fetches(), 1, "fetched once at start-up");
     assert_eq!(env.admin_status("/readyz").await, 200);
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
 
     let (key, jwk) = new_key("rotated-2");
     server.set(Some(with_extra_key(&env, jwk)));
-    let reply = get(&env, &sign_with(&env, &key, "rotated-2", "u-1")).await;
+    let reply = env
+        .get_bearer(&sign_with(&env, &key, "rotated-2", "u-1"), PATH)
+        .await;
     assert_eq!(
         reply.status,
         200,
@@ -84,7 +74,7 @@ async fn a_key_rotated_in_after_start_up_is_accepted_without_restart() {
     assert_eq!(server.fetches(), 2, "one refetch for the unknown kid");
     // Known keys need no further fetches.
     assert_eq!(
-        get(&env, &sign_with(&env, &key, "rotated-2", "u-1"))
+        env.get_bearer(&sign_with(&env, &key, "rotated-2", "u-1"), PATH)
             .await
             .status,
         200
@@ -106,7 +96,7 @@ async fn a_burst_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
             &format!("random-kid-{i}-{}", rand::random::<u32>()),
             "u-1",
         );
-        burst.spawn(async move { get(&env, &jwt).await.status });
+        burst.spawn(async move { env.get_bearer(&jwt, PATH).await.status });
     }
     while let Some(status) = burst.join_next().await {
         assert_eq!(status.unwrap(), 401);
@@ -128,7 +118,7 @@ async fn jwks_down_at_start_up_is_503_not_401_and_recovers_without_restart() {
         ..Options::default()
     })
     .await;
-    let reply = get(&env, &env.token("u-1")).await;
+    let reply = env.get_bearer(&env.token("u-1"), PATH).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.error().0, "jwks_unavailable");
     assert!(reply.headers.contains_key("retry-after"));
@@ -137,7 +127,7 @@ async fn jwks_down_at_start_up_is_503_not_401_and_recovers_without_restart() {
     server.set(Some(
         std::fs::read_to_string(env.certs().join(JWKS)).unwrap(),
     ));
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
 }
 
 #[tokio::test]
@@ -148,7 +138,7 @@ async fn a_required_typ_is_enforced() {
     })
     .await;
     // dev tokens carry typ "JWT".
-    let reply = get(&env, &env.token("u-1")).await;
+    let reply = env.get_bearer(&env.token("u-1"), PATH).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.error().0, "invalid_token");
     assert_eq!(env.emulator.jobs_requests(), 0);
@@ -171,7 +161,7 @@ async fn fifty_concurrent_first_requests_cause_one_exchange() {
     for _ in 0..50 {
         let env = env.clone();
         let jwt = env.token("u-7");
-        requests.spawn(async move { get(&env, &jwt).await.status });
+        requests.spawn(async move { env.get_bearer(&jwt, PATH).await.status });
     }
     while let Some(status) = requests.join_next().await {
         assert_eq!(status.unwrap(), 200);
@@ -188,7 +178,7 @@ async fn ten_users_cause_ten_exchanges() {
         for _ in 0..3 {
             let env = env.clone();
             let jwt = env.token(&format!("user-{user}"));
-            requests.spawn(async move { get(&env, &jwt).await.status });
+            requests.spawn(async move { env.get_bearer(&jwt, PATH).await.status });
         }
     }
     while let Some(status) = requests.join_next().await {
@@ -200,7 +190,7 @@ async fn ten_users_cause_ten_exchanges() {
 #[tokio::test]
 async fn a_revoked_token_is_replaced_and_the_request_retried_once() {
     let env = exchange_env().await;
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     assert_eq!(
         (env.emulator.exchanges(), env.emulator.jobs_requests()),
         (1, 1)
@@ -208,7 +198,7 @@ async fn a_revoked_token_is_replaced_and_the_request_retried_once() {
     let first = env.emulator.last_request().unwrap().headers["authorization"].clone();
 
     env.emulator.revoke_user("u-1");
-    let reply = get(&env, &env.token("u-1")).await;
+    let reply = env.get_bearer(&env.token("u-1"), PATH).await;
     assert_eq!(reply.status, 200);
     assert_eq!(env.emulator.exchanges(), 2, "one new exchange");
     assert_eq!(
@@ -229,7 +219,7 @@ async fn a_revoked_token_is_replaced_and_the_request_retried_once() {
 async fn permanently_refused_credentials_are_502_after_one_retry() {
     let env = exchange_env().await;
     env.emulator.set_fault(Fault::Status(401));
-    let reply = get(&env, &env.token("u-1")).await;
+    let reply = env.get_bearer(&env.token("u-1"), PATH).await;
     assert_eq!(reply.status, 502);
     assert_eq!(reply.error().0, "upstream_credentials_rejected");
     assert_eq!(env.emulator.jobs_requests(), 2);
@@ -250,14 +240,14 @@ async fn token_endpoint_failures_are_fast_503s_never_401s() {
     ] {
         let env = exchange_env().await;
         env.emulator.set_token_fault(fault.clone());
-        let reply = get(&env, &env.token("u-1")).await;
+        let reply = env.get_bearer(&env.token("u-1"), PATH).await;
         assert_eq!(reply.status, 503, "{fault:?}");
         assert_eq!(reply.error().0, "upstream_token_unavailable", "{fault:?}");
         let retry_after: u64 = reply.header("retry-after").parse().unwrap();
         assert!((1..=30).contains(&retry_after), "{fault:?}");
         // Within the back-off the next caller fails fast, without a call.
         let exchanges = env.emulator.exchanges();
-        assert_eq!(get(&env, &env.token("u-1")).await.status, 503);
+        assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 503);
         assert_eq!(env.emulator.exchanges(), exchanges, "{fault:?}");
         assert_eq!(env.emulator.jobs_requests(), 0, "{fault:?}");
     }
@@ -267,7 +257,7 @@ async fn token_endpoint_failures_are_fast_503s_never_401s() {
 async fn no_secret_reaches_the_log_or_an_error_body() {
     let env = exchange_env().await;
     let jwt = env.token("u-9");
-    let ok = get(&env, &jwt).await;
+    let ok = env.get_bearer(&jwt, PATH).await;
     assert_eq!(ok.status, 200);
     let koodrive_token = env.emulator.last_request().unwrap().headers["authorization"]
         .to_str()
@@ -275,9 +265,9 @@ async fn no_secret_reaches_the_log_or_an_error_body() {
         .trim_start_matches("Bearer ")
         .to_owned();
     env.emulator.set_fault(Fault::Status(401));
-    let refused = get(&env, &jwt).await;
+    let refused = env.get_bearer(&jwt, PATH).await;
     env.emulator.set_token_fault(Fault::Status(500));
-    let failing = get(&env, &jwt).await;
+    let failing = env.get_bearer(&jwt, PATH).await;
     let log = captured_log();
     assert!(log.contains("status=502"), "the log captured the requests");
     for secret in [jwt.as_str(), koodrive_token.as_str(), CLIENT_SECRET] {
@@ -311,29 +301,29 @@ async fn tokens_are_refreshed_ahead_and_served_until_expiry_when_the_endpoint_is
     let token_of =
         |env: &TestEnv| env.emulator.last_request().unwrap().headers["authorization"].clone();
 
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     let first = token_of(&env);
     tokio::time::advance(Duration::from_secs(410)).await;
     assert_eq!(
-        get(&env, &env.token("u-1")).await.status,
+        env.get_bearer(&env.token("u-1"), PATH).await.status,
         200,
         "served while refreshing"
     );
     assert_eq!(token_of(&env), first, "the cached token is still used");
     until(|| env.emulator.exchanges() == 2).await;
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     assert_ne!(token_of(&env), first, "the refreshed token is used");
 
     // The endpoint goes down; the second token (received at 410 s, usable
     // until 950 s) keeps being served, past failed background refreshes.
     env.emulator.set_token_fault(Fault::Status(500));
     tokio::time::advance(Duration::from_secs(490)).await; // 900 s
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     until(|| env.emulator.exchanges() == 3).await;
     tokio::time::advance(Duration::from_secs(49)).await; // 949 s
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     tokio::time::advance(Duration::from_secs(2)).await; // 951 s: expired
-    let reply = get(&env, &env.token("u-1")).await;
+    let reply = env.get_bearer(&env.token("u-1"), PATH).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.error().0, "upstream_token_unavailable");
     assert!(reply.headers.contains_key("retry-after"));
@@ -358,7 +348,7 @@ async fn the_key_set_is_refreshed_ahead_of_its_max_age() {
     for _ in 0..10_000 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     // A refresh that fails keeps the last good key set. (The first attempt
     // may fail on a pooled connection the server closed while time jumped;
     // the 1 s retry then reaches it.)
@@ -374,6 +364,6 @@ async fn the_key_set_is_refreshed_ahead_of_its_max_age() {
         tokio::time::advance(Duration::from_secs(1)).await;
     }
     assert!(server.fetches() >= 3, "the refresh was attempted");
-    assert_eq!(get(&env, &env.token("u-1")).await.status, 200);
+    assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 200);
     assert_eq!(env.admin_status("/readyz").await, 200);
 }

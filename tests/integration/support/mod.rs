@@ -276,7 +276,22 @@ impl TestEnv {
         path_and_query: &str,
         extra: &[(&str, &str)],
     ) -> Reply {
-        let auth = format!("Bearer {}", self.token(user));
+        self.get_bearer_with(&self.token(user), path_and_query, extra)
+            .await
+    }
+
+    /// `GET path_and_query` over HTTP/1.1 presenting `jwt` as the bearer.
+    pub async fn get_bearer(&self, jwt: &str, path_and_query: &str) -> Reply {
+        self.get_bearer_with(jwt, path_and_query, &[]).await
+    }
+
+    async fn get_bearer_with(
+        &self,
+        jwt: &str,
+        path_and_query: &str,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let auth = format!("Bearer {jwt}");
         let mut headers = vec![("authorization", auth.as_str())];
         headers.extend_from_slice(extra);
         self.send(Version::HTTP_11, "GET", path_and_query, &headers, None)
