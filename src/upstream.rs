@@ -173,14 +173,16 @@ struct KooDriveError {
     msg: String,
 }
 
-/// KooDrive's success body: `{code: 0, msg, data: [JobInfo…]}`.
+/// KooDrive's success body: `{code: 0, msg, data: [JobInfo…]}`. The body is
+/// passed on verbatim; `data` is only checked to be an array of JSON
+/// values, without building them.
 #[derive(Deserialize)]
 struct KooDriveSuccess {
     code: Code,
     #[serde(default)]
     msg: String,
-    #[allow(dead_code)]
-    data: Vec<serde_json::Value>,
+    #[serde(rename = "data")]
+    _data: Vec<serde::de::IgnoredAny>,
 }
 
 /// Maps KooDrive's answer to the body to return or the error to raise.
