@@ -129,18 +129,14 @@ impl Gateway {
             .transpose()?;
         // One pooled client for KooDrive, its token endpoint and the JWKS URL.
         let client = http_client::build(tls::client_config(config.upstream.ca_file.as_deref())?);
-        let emulator = match config.upstream.target {
-            UpstreamTarget::Embedded => Some(
-                Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+        let (base, emulator) = match &config.upstream.target {
+            UpstreamTarget::Url(uri) => (uri.clone(), None),
+            UpstreamTarget::Embedded => {
+                let emulator = Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), None)
                     .await
-                    .map_err(StartError::Emulator)?,
-            ),
-            UpstreamTarget::Url(_) => None,
-        };
-        let base = match (&config.upstream.target, &emulator) {
-            (UpstreamTarget::Url(uri), _) => uri.clone(),
-            (UpstreamTarget::Embedded, Some(emulator)) => emulator_url(&emulator.base_url())?,
-            (UpstreamTarget::Embedded, None) => return Err(no_emulator()),
+                    .map_err(StartError::Emulator)?;
+                (emulator_url(&emulator.base_url())?, Some(emulator))
+            }
         };
         let keys = KeyStore::load(&config.auth, client.clone()).await?;
         let tokens = token_source(config, &client, emulator.as_ref())?;
