@@ -310,11 +310,9 @@ pub enum TokenConfig {
 pub struct ExchangeConfig {
     pub endpoint: TokenEndpoint,
     pub client_id: String,
-    /// The environment variable holding the client secret.
+    /// The environment variable holding the client secret; read when the
+    /// gateway is built ([`Secrets`]), not when the config is validated.
     pub client_secret_env: String,
-    /// The secret itself; `None` only with the embedded endpoint, which then
-    /// shares a random per-process secret with the emulator.
-    pub client_secret: Option<Secret>,
     pub grant: Grant,
     pub user_id_param: String,
     pub timeout: Duration,
@@ -352,6 +350,39 @@ impl Secret {
     /// The value, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+/// The secret values a config names by environment variable, read when the
+/// gateway is built (not when the config is checked, so `check-config`
+/// needs no secret). Tests hand them in directly.
+#[derive(Clone, Debug, Default)]
+pub struct Secrets(std::collections::HashMap<String, Secret>);
+
+impl Secrets {
+    /// Reads every variable `config` names; unset or empty ones are absent.
+    pub fn from_env(config: &Config) -> Secrets {
+        let mut secrets = Secrets::default();
+        if let TokenConfig::Exchange(exchange) = &config.token {
+            if let Some(value) = std::env::var(&exchange.client_secret_env)
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                secrets = secrets.with(&exchange.client_secret_env, value);
+            }
+        }
+        secrets
+    }
+
+    /// Adds (or replaces) the value of variable `name`.
+    pub fn with(mut self, name: &str, value: impl Into<String>) -> Secrets {
+        self.0.insert(name.to_owned(), Secret::new(value));
+        self
+    }
+
+    /// The value of variable `name`, if it was set.
+    pub fn get(&self, name: &str) -> Option<&Secret> {
+        self.0.get(name)
     }
 }
 
@@ -630,16 +661,6 @@ fn validate_exchange(
                 "required when token.mode = \"exchange\"",
             )
         })?;
-    let client_secret = std::env::var(&client_secret_env)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .map(Secret::new);
-    if client_secret.is_none() && endpoint != TokenEndpoint::Embedded {
-        return Err(invalid(
-            "token.client_secret_env",
-            format!("the environment variable `{client_secret_env}` is not set"),
-        ));
-    }
     let grant = match t.grant.as_deref().unwrap_or("token-exchange") {
         "token-exchange" => Grant::TokenExchange,
         "client-credentials" => Grant::ClientCredentials,
@@ -662,7 +683,6 @@ fn validate_exchange(
         endpoint,
         client_id,
         client_secret_env,
-        client_secret,
         grant,
         user_id_param: t.user_id_param.clone().unwrap_or_else(|| "user_id".into()),
         timeout: Duration::from_millis(timeout_ms),
@@ -789,7 +809,7 @@ mod tests {
         match exchange(None).unwrap().token {
             TokenConfig::Exchange(x) => {
                 assert_eq!(x.endpoint, TokenEndpoint::Embedded);
-                assert!(x.client_secret.is_none());
+                assert_eq!(x.client_secret_env, "KOODRIVE_GATEWAY_CONFIG_TEST_UNSET");
                 assert_eq!(x.grant, Grant::TokenExchange);
                 assert_eq!(x.expiry_margin, Duration::from_secs(60));
             }
@@ -798,11 +818,9 @@ mod tests {
     }
 
     #[test]
-    fn exchange_mode_with_a_real_endpoint_needs_its_secret_variable() {
-        let err = exchange(Some("\"https://idp.example.com/token\""))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"), "{err}");
+    fn exchange_mode_with_a_real_endpoint_is_valid_without_its_secret() {
+        // The secret is read when the gateway is built, not validated here.
+        assert!(exchange(Some("\"https://idp.example.com/token\"")).is_ok());
         let err = exchange(Some("\"http://idp.example.com/token\""))
             .unwrap_err()
             .to_string();

@@ -75,7 +75,7 @@ async fn main() -> Result<()> {
     install_default_providers();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config).await,
-        Command::CheckConfig { skip_files } => check_config(&cli.config, skip_files),
+        Command::CheckConfig { skip_files } => check_config(&cli.config, skip_files).await,
         Command::Emulator {
             listen,
             tokens,
@@ -120,10 +120,10 @@ async fn serve(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_config(path: &Path, skip_files: bool) -> Result<()> {
+async fn check_config(path: &Path, skip_files: bool) -> Result<()> {
     let (config, file) = load(path)?;
     if !skip_files {
-        Gateway::check_files(&config)?;
+        Gateway::check_files(&config).await?;
     }
     // The file holds no secret values (only the names of variables that
     // do), so it can be printed as it is.

@@ -25,13 +25,33 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
 pub struct Pipeline {
-    pub(crate) verifier: Verifier,
-    pub(crate) tokens: TokenSource,
-    pub(crate) upstream: Upstream,
-    pub(crate) cache: Option<Arc<ResponseCache>>,
+    verifier: Verifier,
+    tokens: TokenSource,
+    upstream: Upstream,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl Pipeline {
+    /// The pipeline over its components.
+    pub(crate) fn new(
+        verifier: Verifier,
+        tokens: TokenSource,
+        upstream: Upstream,
+        cache: Option<Arc<ResponseCache>>,
+    ) -> Pipeline {
+        Pipeline {
+            verifier,
+            tokens,
+            upstream,
+            cache,
+        }
+    }
+
+    /// The response cache, when enabled.
+    pub(crate) fn cache(&self) -> Option<Arc<ResponseCache>> {
+        self.cache.clone()
+    }
+
     /// Handles one request; never fails: errors become normalized responses.
     pub async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let started = Instant::now();

@@ -71,12 +71,14 @@ impl std::fmt::Debug for KeySet {
 }
 
 impl KeySet {
-    /// Reads and parses a JWKS file.
-    pub fn from_file(path: &Path) -> Result<KeySet, JwksError> {
-        let bytes = std::fs::read(path).map_err(|source| JwksError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+    /// Reads and parses a JWKS file (without blocking the runtime).
+    pub async fn from_file(path: &Path) -> Result<KeySet, JwksError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| JwksError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
         KeySet::from_json(&bytes)
     }
 
@@ -170,6 +172,16 @@ impl KeyStore {
         config: &AuthConfig,
         client: HttpsClient,
     ) -> Result<Arc<KeyStore>, JwksError> {
+        KeyStore::start(config, client, None).await
+    }
+
+    /// As [`KeyStore::load`], with the key set already read from the file
+    /// source when `preloaded` is given.
+    pub(crate) async fn start(
+        config: &AuthConfig,
+        client: HttpsClient,
+        preloaded: Option<KeySet>,
+    ) -> Result<Arc<KeyStore>, JwksError> {
         let store = Arc::new(KeyStore {
             source: config.jwks.clone(),
             client,
@@ -182,7 +194,11 @@ impl KeyStore {
                 max_age: None,
             }),
         });
-        match store.fetch().await {
+        let first = match preloaded {
+            Some(set) => Ok(set),
+            None => store.fetch().await,
+        };
+        match first {
             Ok(set) => store.replace(set),
             Err(error) => match &store.source {
                 JwksSource::File(_) => return Err(error),
@@ -242,6 +258,13 @@ impl KeyStore {
         fetched.at + period
     }
 
+    /// Whether the key set can change without a restart, so that
+    /// [`Self::keep_fresh`] is worth running (a URL; a file changes only
+    /// when reloaded).
+    pub(crate) fn refreshes(&self) -> bool {
+        matches!(self.source, JwksSource::Url(_))
+    }
+
     /// Refreshes forever: when [`Self::next_refresh`] is due while
     /// refreshes succeed, on a doubling retry schedule (from 1 s up to the
     /// refresh period) while none has succeeded or the last one failed.
@@ -282,7 +305,7 @@ impl KeyStore {
 
     async fn load_once(&self) -> Result<(KeySet, Option<Duration>), JwksError> {
         match &self.source {
-            JwksSource::File(path) => Ok((KeySet::from_file(path)?, None)),
+            JwksSource::File(path) => Ok((KeySet::from_file(path).await?, None)),
             JwksSource::Url(url) => {
                 let request = Request::get(url.clone())
                     .header(ACCEPT, "application/json, application/jwk-set+json")

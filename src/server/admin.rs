@@ -14,20 +14,33 @@ use tokio::sync::watch;
 
 use crate::auth::KeyStore;
 
-/// What readiness depends on.
+/// The gateway's components that readiness looks at.
 #[derive(Clone, Debug)]
-pub struct Health {
+pub(crate) struct Readiness {
     pub keys: Arc<KeyStore>,
+}
+
+/// What the admin listener answers from.
+#[derive(Clone, Debug)]
+pub(crate) struct Health {
+    readiness: Readiness,
     /// Becomes `true` when shutdown starts.
-    pub draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 }
 
 impl Health {
+    pub(crate) fn new(readiness: Readiness, draining: watch::Receiver<bool>) -> Health {
+        Health {
+            readiness,
+            draining,
+        }
+    }
+
     /// Why the gateway is not ready, if it is not.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if *self.draining.borrow() {
             Some("draining")
-        } else if self.keys.current().is_none() {
+        } else if self.readiness.keys.current().is_none() {
             Some("no verification key set loaded")
         } else {
             None
@@ -35,7 +48,7 @@ impl Health {
     }
 
     /// Answers one admin request.
-    pub async fn handle<B>(
+    pub(crate) async fn handle<B>(
         &self,
         request: Request<B>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {

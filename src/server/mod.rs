@@ -1,24 +1,32 @@
-//! Accept loop: TCP → optional rustls handshake → HTTP/1.1 or HTTP/2 (ALPN,
-//! hyper-util's auto builder) → the service; graceful shutdown with a drain
-//! deadline. Shared by the gateway and the emulator.
+//! Serving: the accept loop (TCP → optional rustls handshake → HTTP/1.1 or
+//! HTTP/2 by ALPN → the service), the gateway's public and admin listeners
+//! run side by side, and the drain on shutdown. The accept loop is shared by
+//! the gateway, the emulator and test servers.
 
 pub mod admin;
+mod stack;
 pub mod tls;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
+use tracing::instrument::{WithDispatch, WithSubscriber};
 
 use crate::error::BoxError;
+use crate::pipeline::Pipeline;
+use admin::Health;
+pub(crate) use stack::stack;
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,8 +38,16 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Largest request head accepted over HTTP/2.
 const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
 
+/// The peer address of the connection a request arrived on; the accept loop
+/// puts it in every request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
 /// Serves `service` on `listener` until `shutdown` resolves, then lets
 /// in-flight connections finish for at most `grace`.
+///
+/// Connection and stream tasks log to the subscriber that was current when
+/// `serve` was called, so a test can capture one server's log on its own.
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -47,7 +63,8 @@ pub async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let acceptor = tls.map(TlsAcceptor::from);
-    let builder = http_builder();
+    let executor = CurrentSubscriberExecutor::current();
+    let builder = http_builder(executor.clone());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -65,11 +82,14 @@ pub async fn serve<S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let service = WithClientAddr {
+            inner: service.clone(),
+            peer,
+        };
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        executor.spawn(async move {
             let result = match acceptor {
                 Some(acceptor) => match handshake(&acceptor, stream).await {
                     Ok(tls) => {
@@ -98,6 +118,116 @@ pub async fn serve<S, B>(
     }
 }
 
+/// The gateway's listeners and what they serve.
+pub(crate) struct Listeners {
+    pub public: TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin listener and what readiness looks at.
+    pub admin: Option<(TcpListener, admin::Readiness)>,
+    pub grace: Duration,
+}
+
+/// Runs the public listener (through [`stack`]) and the admin listener until
+/// `shutdown` resolves, then drains.
+///
+/// On the shutdown signal readiness turns false and the public listener
+/// stops accepting and drains; the admin listener keeps answering
+/// (`/readyz` 503) until the drain is over, so probes see the gateway leave.
+pub(crate) async fn run(
+    listeners: Listeners,
+    pipeline: Arc<Pipeline>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (draining_tx, mut draining) = watch::channel(false);
+    let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+    let admin = listeners.admin.map(|(listener, readiness)| {
+        let health = Health::new(readiness, draining.clone());
+        let service = hyper::service::service_fn(move |request| {
+            let health = health.clone();
+            async move { health.handle(request).await }
+        });
+        let stopped = async {
+            let _ = admin_stopped.await;
+        };
+        let serving = serve(listener, None, service, stopped, listeners.grace);
+        tokio::spawn(serving.with_current_subscriber())
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = draining_tx.send(true);
+    });
+    let drain = async move {
+        let _ = draining.wait_for(|draining| *draining).await;
+    };
+    let service = hyper_util::service::TowerToHyperService::new(stack(pipeline));
+    serve(
+        listeners.public,
+        listeners.tls,
+        service,
+        drain,
+        listeners.grace,
+    )
+    .await;
+    let _ = admin_stop.send(());
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+}
+
+/// Puts the connection's peer address into each request's extensions.
+#[derive(Clone)]
+struct WithClientAddr<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, B> hyper::service::Service<Request<B>> for WithClientAddr<S>
+where
+    S: hyper::service::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: Request<B>) -> Self::Future {
+        request.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(request)
+    }
+}
+
+/// Spawns connection and HTTP/2 stream tasks on tokio, each carrying the
+/// subscriber that was current when the server started.
+#[derive(Clone)]
+struct CurrentSubscriberExecutor(tracing::Dispatch);
+
+impl CurrentSubscriberExecutor {
+    fn current() -> Self {
+        CurrentSubscriberExecutor(tracing::dispatcher::get_default(|d| d.clone()))
+    }
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        tokio::spawn(self.dispatched(future));
+    }
+
+    fn dispatched<F: Future>(&self, future: F) -> WithDispatch<F> {
+        future.with_subscriber(self.0.clone())
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for CurrentSubscriberExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.spawn(future);
+    }
+}
+
 async fn handshake(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
@@ -107,8 +237,8 @@ async fn handshake(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http_builder(executor: CurrentSubscriberExecutor) -> auto::Builder<CurrentSubscriberExecutor> {
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -12,6 +12,7 @@ use std::time::Duration;
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng;
 use tokio::time::Instant;
+use tracing::instrument::{Instrument, WithSubscriber};
 
 use super::endpoint::{Issued, Subject, TokenEndpoint};
 use super::AccessToken;
@@ -126,14 +127,17 @@ impl<E: TokenEndpoint> TokenCache<E> {
 
     fn spawn_refresh(&self, key: Key, subject: Subject, entry: Arc<Cached>) {
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        let refresh = async move {
             if let Err(error) = inner.obtain(key, &subject, Need::Fresh).await {
                 tracing::debug!(%error, "background token refresh failed; serving the cached token");
             }
             // On success the new entry has its own flag; on failure a later
             // request may try again once the back-off allows.
             entry.refreshing.store(false, Ordering::SeqCst);
-        });
+        };
+        // In the span (trace id) and subscriber of the request that saw the
+        // token near expiry.
+        tokio::spawn(refresh.in_current_span().with_current_subscriber());
     }
 }
 

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::auth::Authenticated;
+use crate::config::{Config, Secret, Secrets, TokenConfig, TokenEndpoint};
+use crate::emulator::Emulator;
 use crate::error::GatewayError;
+use crate::http_client::HttpsClient;
 use endpoint::HttpTokenEndpoint;
 use exchange::TokenCache;
 
@@ -57,6 +60,19 @@ pub enum TokenFileError {
     BadToken { path: String, user: String },
 }
 
+/// Why the token source could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSetupError {
+    #[error("token.static_tokens_file: {0}")]
+    File(#[from] TokenFileError),
+    #[error("token.client_secret_env: the environment variable `{0}` is not set")]
+    MissingSecret(String),
+    #[error("token.token_url = \"embedded\" needs the embedded emulator (upstream.base_url = \"embedded\")")]
+    NoEmulator,
+    #[error("the embedded emulator's token URL is not a valid URI")]
+    EmulatorUrl,
+}
+
 /// Where KooDrive tokens come from.
 pub enum TokenSource {
     /// Fixed tokens per KooDrive user id.
@@ -75,6 +91,69 @@ impl fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
+    /// The token source `config` asks for. `static_tokens` is the static
+    /// file if the caller already read it. With the embedded emulator, static tokens
+    /// are granted to it, or it is told the exchange client's credentials (a
+    /// random per-process secret when the configured variable is unset).
+    pub(crate) fn from_config(
+        config: &Config,
+        static_tokens: Option<TokenSource>,
+        secrets: &Secrets,
+        client: &HttpsClient,
+        emulator: Option<&Emulator>,
+    ) -> Result<TokenSource, TokenSetupError> {
+        let exchange = match (&config.token, static_tokens) {
+            (TokenConfig::Exchange(exchange), _) => exchange,
+            (TokenConfig::Static { tokens_file }, loaded) => {
+                let source = match loaded {
+                    Some(source) => source,
+                    None => TokenSource::from_static_file(tokens_file)?,
+                };
+                if let Some(emulator) = emulator {
+                    for (user, token) in source.static_grants() {
+                        emulator.grant(token.expose(), &user);
+                    }
+                }
+                return Ok(source);
+            }
+        };
+        let secret = secrets.get(&exchange.client_secret_env).cloned();
+        let (url, client_secret) = match (&exchange.endpoint, emulator) {
+            (TokenEndpoint::Url(url), _) => (
+                url.clone(),
+                secret.ok_or_else(|| {
+                    TokenSetupError::MissingSecret(exchange.client_secret_env.clone())
+                })?,
+            ),
+            (TokenEndpoint::Embedded, Some(emulator)) => {
+                // 128 random bits, known only to this process and its emulator.
+                let secret = secret
+                    .unwrap_or_else(|| Secret::new(format!("{:032x}", rand::random::<u128>())));
+                emulator.set_client(&exchange.client_id, secret.expose());
+                emulator.set_user_claim(&config.auth.user_id_claim);
+                let url = emulator
+                    .token_url()
+                    .parse()
+                    .map_err(|_| TokenSetupError::EmulatorUrl)?;
+                (url, secret)
+            }
+            (TokenEndpoint::Embedded, None) => return Err(TokenSetupError::NoEmulator),
+        };
+        Ok(TokenSource::Exchange(TokenCache::new(
+            HttpTokenEndpoint {
+                client: client.clone(),
+                url,
+                client_id: exchange.client_id.clone(),
+                client_secret,
+                grant: exchange.grant,
+                user_id_param: exchange.user_id_param.clone(),
+                timeout: exchange.timeout,
+            },
+            exchange.expiry_margin,
+            exchange.max_cached_tokens,
+        )))
+    }
+
     /// Loads a static token file: `{"<user id>": "<token>", …}`.
     pub fn from_static_file(path: &Path) -> Result<TokenSource, TokenFileError> {
         let display = path.display().to_string();

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use std::time::Duration;
 
-use crate::support::{captured_log, freeze_time, JwksServer, Options, TestEnv, CLIENT_SECRET};
+use crate::support::{freeze_time, JwksServer, Options, TestEnv, CLIENT_SECRET};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
 
@@ -268,7 +268,7 @@ async fn no_secret_reaches_the_log_or_an_error_body() {
     let refused = env.get_bearer(&jwt, PATH).await;
     env.emulator.set_token_fault(Fault::Status(500));
     let failing = env.get_bearer(&jwt, PATH).await;
-    let log = captured_log();
+    let log = env.log();
     assert!(log.contains("status=502"), "the log captured the requests");
     for secret in [jwt.as_str(), koodrive_token.as_str(), CLIENT_SECRET] {
         assert!(!log.contains(secret), "secret in the log");

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use koodrive_gateway::config::{Config, TlsFiles};
+use koodrive_gateway::config::{Config, Secrets, TlsFiles};
 use koodrive_gateway::devcerts;
 use koodrive_gateway::emulator::Emulator;
 use koodrive_gateway::server::tls;
@@ -20,6 +20,7 @@ use koodrive_gateway::Gateway;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use tracing::instrument::WithSubscriber;
 
 pub const ISSUER: &str = "https://idp.test";
 pub const AUDIENCE: &str = "koodrive-gateway-test";
@@ -80,6 +81,9 @@ pub struct TestEnv {
     pub admin: SocketAddr,
     /// The response cache, when the test enabled it.
     pub cache: Option<Arc<koodrive_gateway::cache::ResponseCache>>,
+    /// Everything this gateway logged (at debug level), and nothing that
+    /// another test's gateway logged.
+    log: LogCapture,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -130,7 +134,6 @@ impl TestEnv {
 
     pub async fn start_with(options: Options) -> TestEnv {
         tls::install_default_providers();
-        init_log_capture();
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         devcerts::ensure(&certs).unwrap();
@@ -162,9 +165,10 @@ impl TestEnv {
             Some(url) => format!("jwks_url = \"{url}\""),
             None => format!("jwks_file = \"{}/jwks.json\"", certs.display()),
         };
+        let mut secrets = Secrets::default();
         let token = if options.exchange {
             emulator.set_client(CLIENT_ID, CLIENT_SECRET);
-            std::env::set_var(CLIENT_SECRET_ENV, CLIENT_SECRET);
+            secrets = secrets.with(CLIENT_SECRET_ENV, CLIENT_SECRET);
             format!(
                 "mode = \"exchange\"\ntoken_url = \"https://localhost:{}/oauth2/token\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_env = \"{CLIENT_SECRET_ENV}\"",
                 emulator.addr().port()
@@ -203,22 +207,33 @@ impl TestEnv {
             cache = options.cache,
         );
         let config = Config::from_toml(&toml).unwrap();
-        let gateway = Gateway::build(&config).await.unwrap();
+        let log = LogCapture::default();
+        let gateway = Gateway::build_with(&config, &secrets)
+            .with_subscriber(log.dispatch())
+            .await
+            .unwrap();
         let addr = gateway.local_addr().unwrap();
         let cache = gateway.cache();
         let admin = gateway.admin_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
-        tokio::spawn(gateway.run(async {
+        let run = gateway.run(async {
             let _ = stop.await;
-        }));
+        });
+        tokio::spawn(run.with_subscriber(log.dispatch()));
         TestEnv {
             dir,
             emulator,
             addr,
             admin,
             cache,
+            log,
             shutdown: Some(shutdown),
         }
+    }
+
+    /// What this gateway has logged so far.
+    pub fn log(&self) -> String {
+        self.log.text()
     }
 
     /// Sends the gateway its shutdown signal (as SIGTERM does).
@@ -358,14 +373,32 @@ pub fn task_ids(body: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Everything the gateway logs during the tests, for secret-leak checks.
-static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+/// One gateway's log: a subscriber of its own (debug level, plain text)
+/// whose lines land in a buffer the test reads.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
-struct LogWriter;
+impl LogCapture {
+    fn dispatch(&self) -> tracing::Dispatch {
+        let buffer = self.clone();
+        tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_env_filter("debug")
+                .with_ansi(false)
+                .with_writer(move || buffer.clone())
+                .finish(),
+        )
+    }
 
-impl std::io::Write for LogWriter {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOG.lock()
+        self.0
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(buf);
         Ok(buf.len())
@@ -373,19 +406,6 @@ impl std::io::Write for LogWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn init_log_capture() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(|| LogWriter)
-        .try_init();
-}
-
-/// The captured log so far.
-pub fn captured_log() -> String {
-    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
 }
 
 /// A JWKS endpoint for tests: serves a settable document (or 503 while
