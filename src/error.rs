@@ -11,9 +11,39 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICA
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
+use std::time::Duration;
 
 use crate::jobs::QueryError;
 use crate::trace_id::TraceId;
+
+/// Which side of the gateway failed: the caller, the gateway itself, or one
+/// of the services it depends on. Logs and metrics carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The request was wrong or not allowed (4xx).
+    Client,
+    /// The gateway failed on its own (500).
+    Gateway,
+    /// The identity provider's key set could not be loaded.
+    IdentityProvider,
+    /// The token endpoint gave no KooDrive token.
+    TokenEndpoint,
+    /// KooDrive, or the way to it.
+    Upstream,
+}
+
+impl Side {
+    /// The label in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Gateway => "gateway",
+            Side::IdentityProvider => "identity_provider",
+            Side::TokenEndpoint => "token_endpoint",
+            Side::Upstream => "upstream",
+        }
+    }
+}
 
 /// Every way a request can fail, by side. `Clone`, so one failed upstream
 /// load can be handed to every request that waited for it.
@@ -44,27 +74,38 @@ pub enum GatewayError {
     /// The internal JWT is past its `exp` (plus leeway).
     #[error("token expired")]
     ExpiredCredentials,
-    /// The internal JWT failed verification; the reason is safe to show.
+    /// The internal JWT failed verification; the problem is safe to show.
     #[error("invalid token: {0}")]
-    InvalidCredentials(String),
+    InvalidCredentials(CredentialProblem),
     /// The caller is authenticated but no KooDrive credentials exist for
     /// their user id.
     #[error("no KooDrive credentials for this user")]
     UserNotProvisioned,
-    /// KooDrive rejected the request as malformed (400); its code and
-    /// message are kept.
-    #[error("upstream rejected the request: {code}: {msg}")]
-    UpstreamRejectedRequest { code: String, msg: String },
 
-    // ---- upstream side and the gateway's dependencies (502/503/504) ----
+    // ---- the identity provider ----
     /// No verification key set could be loaded (the JWKS URL has been
     /// unreachable since start-up). Not the caller's fault: 503, not 401.
     #[error("verification keys unavailable")]
-    KeysUnavailable,
+    KeysUnavailable {
+        /// Until the next scheduled attempt to load them.
+        retry_after: Duration,
+    },
+
+    // ---- the token endpoint ----
     /// No valid KooDrive token could be obtained for the caller's user; try
     /// again after the delay.
-    #[error("KooDrive token unavailable")]
-    TokenUnavailable { retry_after: std::time::Duration },
+    #[error("KooDrive token unavailable: {cause}")]
+    TokenUnavailable {
+        retry_after: Duration,
+        cause: TokenFailure,
+    },
+
+    // ---- KooDrive (502/504, or its own 400) ----
+    /// KooDrive rejected the request as malformed (400); its code and
+    /// message are kept. The gateway validated the request, so this is
+    /// KooDrive disagreeing with it, not the caller's mistake.
+    #[error("upstream rejected the request: {code}: {msg}")]
+    UpstreamRejectedRequest { code: String, msg: String },
     /// No answer within `upstream.timeout_ms`.
     #[error("upstream timed out")]
     UpstreamTimeout,
@@ -74,10 +115,9 @@ pub enum GatewayError {
     /// The connection broke before a complete response arrived.
     #[error("upstream connection lost")]
     UpstreamConnectionLost(#[source] SharedError),
-    /// KooDrive answered with something that is not its documented shape
-    /// (HTML, empty, garbage, oversized, unexpected status).
+    /// KooDrive answered with something that is not its documented shape.
     #[error("upstream sent an unusable response: {0}")]
-    UpstreamBadResponse(String),
+    UpstreamBadResponse(BadResponse),
     /// KooDrive refused the gateway's own KooDrive token (401/403). This is
     /// not the caller's fault, so it is never shown as a 401.
     #[error("upstream refused the gateway's credentials (status {status}, code {code})")]
@@ -90,7 +130,92 @@ pub enum GatewayError {
     // ---- the gateway itself (500) ----
     /// A bug or an unexpected local failure.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(InternalError),
+}
+
+/// Why an internal JWT was refused. Every message is safe to show the
+/// caller: it names a rule, never a key or a token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialProblem {
+    #[error("more than one authorization header")]
+    MultipleHeaders,
+    #[error("authorization header too large")]
+    TooLarge,
+    #[error("malformed authorization header")]
+    MalformedHeader,
+    #[error("expected `Authorization: Bearer <token>`")]
+    NotBearer,
+    #[error("malformed token or unsupported algorithm")]
+    MalformedHeaderSegment,
+    #[error("algorithm not accepted")]
+    AlgorithmNotAccepted,
+    #[error("embedded key references (jwk, jku, x5u, x5c) are not accepted")]
+    EmbeddedKeyReference,
+    #[error("critical header extensions are not supported")]
+    CriticalExtension,
+    #[error("wrong token type (typ)")]
+    WrongType,
+    #[error("no matching verification key")]
+    NoMatchingKey,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    WrongIssuer,
+    #[error("wrong audience")]
+    WrongAudience,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("missing claim `{0}`")]
+    MissingClaim(&'static str),
+    #[error("malformed token")]
+    Malformed,
+    #[error("token issued in the future (iat)")]
+    IssuedInFuture,
+    /// A configured identity claim (its name) is absent or not a string.
+    #[error("missing string claim `{0}`")]
+    MissingIdentity(String),
+    /// A configured identity claim (its name) cannot serve as an identity.
+    #[error("claim `{0}` must be 1-256 visible ASCII characters")]
+    UnusableIdentity(String),
+}
+
+/// Why no KooDrive token could be had.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum TokenFailure {
+    /// An exchange for this caller failed recently; the gateway waits
+    /// before asking the endpoint again.
+    #[error("backing off after a failed exchange")]
+    BackingOff,
+    /// The exchange just failed.
+    #[error(transparent)]
+    Exchange(SharedError),
+}
+
+/// How a KooDrive answer broke its documented shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadResponse {
+    #[error("status {0}: body is not KooDrive's success shape")]
+    NotSuccessShape(u16),
+    #[error("status {0}: unparseable error body")]
+    UnparseableErrorBody(u16),
+    #[error("status {0}: unexpected status")]
+    UnexpectedStatus(u16),
+    #[error("response body too large")]
+    TooLarge,
+}
+
+/// A failure of the gateway itself.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InternalError {
+    /// The request handler panicked; the panic's message.
+    #[error("request handler panicked: {0}")]
+    Panic(String),
+    #[error("a value cannot be sent as an upstream header")]
+    UnrepresentableHeader,
+    #[error("the upstream URI cannot be built")]
+    UnrepresentableUri,
+    #[error("the token cache returned no entry")]
+    TokenCacheEmpty,
 }
 
 /// A boxed error, as hyper and tower hand them over.
@@ -98,147 +223,185 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A shared cause carried by transport errors.
 pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
-/// What the client is told: status, code, message, and extra headers.
+/// What the client is told (status, code, message) and which side failed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Rendered {
+    pub side: Side,
     pub status: StatusCode,
     pub code: String,
     pub msg: String,
 }
 
 impl GatewayError {
-    /// The one mapping from error to (status, code, msg). Exhaustive, no
-    /// catch-all arm: a new variant must be given its row here.
+    /// The one mapping from error to (side, status, code, msg). Exhaustive,
+    /// no catch-all arm: a new variant must be given its row here.
     pub fn render(&self) -> Rendered {
         use GatewayError as E;
-        let (status, code, msg): (StatusCode, &str, String) = match self {
+        use Side::*;
+        let (side, status, code, msg): (Side, StatusCode, &str, String) = match self {
             E::NotFound => (
+                Client,
                 StatusCode::NOT_FOUND,
                 "not_found",
                 "no such resource".into(),
             ),
             E::MethodNotAllowed => (
+                Client,
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "only GET is allowed on this resource".into(),
             ),
             E::BodyNotAllowed => (
+                Client,
                 StatusCode::BAD_REQUEST,
                 "body_not_allowed",
                 "GET /koodrive/ose/v1/jobs takes no request body".into(),
             ),
-            E::InvalidQuery(q) => (StatusCode::BAD_REQUEST, q.code(), q.to_string()),
+            E::InvalidQuery(q) => (Client, StatusCode::BAD_REQUEST, q.code(), q.to_string()),
             E::InvalidHeader { name, reason } => (
+                Client,
                 StatusCode::BAD_REQUEST,
                 "invalid_header",
                 format!("header `{name}`: {reason}"),
             ),
             E::MissingCredentials => (
+                Client,
                 StatusCode::UNAUTHORIZED,
                 "missing_token",
                 "an `Authorization: Bearer <token>` header is required".into(),
             ),
             E::ExpiredCredentials => (
+                Client,
                 StatusCode::UNAUTHORIZED,
                 "token_expired",
                 "the bearer token has expired".into(),
             ),
-            E::InvalidCredentials(reason) => (
+            E::InvalidCredentials(problem) => (
+                Client,
                 StatusCode::UNAUTHORIZED,
                 "invalid_token",
-                format!("the bearer token is invalid: {reason}"),
+                format!("the bearer token is invalid: {problem}"),
             ),
             E::UserNotProvisioned => (
+                Client,
                 StatusCode::FORBIDDEN,
                 "user_not_provisioned",
                 "no KooDrive credentials are configured for this user".into(),
             ),
-            E::UpstreamRejectedRequest { code, msg } => {
-                (StatusCode::BAD_REQUEST, code.as_str(), msg.clone())
-            }
-            E::KeysUnavailable => (
+            E::KeysUnavailable { .. } => (
+                IdentityProvider,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "jwks_unavailable",
                 "the gateway cannot verify tokens right now; try again shortly".into(),
             ),
             E::TokenUnavailable { .. } => (
+                TokenEndpoint,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_token_unavailable",
                 "the gateway cannot obtain KooDrive credentials right now; try again shortly"
                     .into(),
             ),
+            E::UpstreamRejectedRequest { code, msg } => (
+                Upstream,
+                StatusCode::BAD_REQUEST,
+                code.as_str(),
+                msg.clone(),
+            ),
             E::UpstreamTimeout => (
+                Upstream,
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 "KooDrive did not answer in time".into(),
             ),
             E::UpstreamUnreachable(_) => (
+                Upstream,
                 StatusCode::BAD_GATEWAY,
                 "upstream_unreachable",
                 "KooDrive could not be reached".into(),
             ),
             E::UpstreamConnectionLost(_) => (
+                Upstream,
                 StatusCode::BAD_GATEWAY,
                 "upstream_connection_lost",
                 "the connection to KooDrive broke before it answered".into(),
             ),
             E::UpstreamBadResponse(_) => (
+                Upstream,
                 StatusCode::BAD_GATEWAY,
                 "upstream_bad_response",
                 "KooDrive sent a response the gateway could not use".into(),
             ),
             E::UpstreamCredentialsRejected { code, .. } => (
+                Upstream,
                 StatusCode::BAD_GATEWAY,
                 "upstream_credentials_rejected",
                 format!("KooDrive refused the gateway's credentials (KooDrive code {code})"),
             ),
-            E::UpstreamFailed { code, msg } => {
-                (StatusCode::BAD_GATEWAY, code.as_str(), msg.clone())
-            }
+            E::UpstreamFailed { code, msg } => (
+                Upstream,
+                StatusCode::BAD_GATEWAY,
+                code.as_str(),
+                msg.clone(),
+            ),
             E::Internal(_) => (
+                Gateway,
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 "the gateway failed to process the request".into(),
             ),
         };
         Rendered {
+            side,
             status,
             code: code.to_owned(),
             msg,
         }
     }
 
-    /// Builds the normalized response for this error.
-    pub fn into_response(self, trace_id: &TraceId) -> Response<Full<Bytes>> {
+    /// Which side failed, for logs and metrics.
+    pub fn side(&self) -> Side {
+        self.render().side
+    }
+
+    /// Builds the normalized response for this error, with the headers its
+    /// status calls for. Exhaustive: a new variant must decide its headers.
+    pub fn response(&self, trace_id: &TraceId) -> Response<Full<Bytes>> {
+        use GatewayError as E;
         let rendered = self.render();
         let mut response = error_response(rendered.status, &rendered.code, &rendered.msg, trace_id);
         let headers = response.headers_mut();
         match self {
             // RFC 9110 §15.5.6: a 405 lists the allowed methods.
-            GatewayError::MethodNotAllowed => {
+            E::MethodNotAllowed => {
                 headers.insert(ALLOW, HeaderValue::from_static("GET"));
             }
             // RFC 6750 §3: no error code when no credentials were sent.
-            GatewayError::MissingCredentials => {
+            E::MissingCredentials => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            GatewayError::ExpiredCredentials | GatewayError::InvalidCredentials(_) => {
+            E::ExpiredCredentials | E::InvalidCredentials(_) => {
                 headers.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
             }
             // RFC 9110 §10.2.3: when to try again.
-            GatewayError::KeysUnavailable => {
-                headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            E::KeysUnavailable { retry_after } | E::TokenUnavailable { retry_after, .. } => {
+                headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
             }
-            GatewayError::TokenUnavailable { retry_after } => {
-                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
-                    headers.insert(RETRY_AFTER, value);
-                }
-            }
-            _ => {}
+            E::NotFound
+            | E::BodyNotAllowed
+            | E::InvalidQuery(_)
+            | E::InvalidHeader { .. }
+            | E::UserNotProvisioned
+            | E::UpstreamRejectedRequest { .. }
+            | E::UpstreamTimeout
+            | E::UpstreamUnreachable(_)
+            | E::UpstreamConnectionLost(_)
+            | E::UpstreamBadResponse(_)
+            | E::UpstreamCredentialsRejected { .. }
+            | E::UpstreamFailed { .. }
+            | E::Internal(_) => {}
         }
         response
     }
@@ -256,14 +419,23 @@ impl GatewayError {
         )
     }
 
-    /// Which side failed, for logs and metrics.
-    pub fn side(&self) -> &'static str {
-        match self.render().status.as_u16() {
-            400..=499 => "client",
-            500 => "gateway",
-            _ => "upstream",
+    /// The error and its causes, `: `-separated, for the log.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
         }
+        text
     }
+}
+
+/// `Retry-After` in whole seconds, at least 1 (RFC 9110 §10.2.3).
+pub fn retry_after_value(delay: Duration) -> HeaderValue {
+    let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
 }
 
 #[derive(Serialize)]
@@ -307,128 +479,221 @@ mod tests {
         std::sync::Arc::new(std::io::Error::other("boom"))
     }
 
-    #[test]
-    fn every_error_maps_to_its_status_and_code() {
-        let rows: Vec<(GatewayError, u16, &str)> = vec![
-            (GatewayError::NotFound, 404, "not_found"),
-            (GatewayError::MethodNotAllowed, 405, "method_not_allowed"),
-            (GatewayError::BodyNotAllowed, 400, "body_not_allowed"),
+    /// Every variant, once: adding a variant without a row here fails to
+    /// compile in `variant_count`.
+    fn every_variant() -> Vec<(GatewayError, Side, u16, &'static str)> {
+        use GatewayError as E;
+        use Side::*;
+        vec![
+            (E::NotFound, Client, 404, "not_found"),
+            (E::MethodNotAllowed, Client, 405, "method_not_allowed"),
+            (E::BodyNotAllowed, Client, 400, "body_not_allowed"),
             (
-                GatewayError::InvalidQuery(QueryError::Missing("offset")),
+                E::InvalidQuery(QueryError::Missing("offset")),
+                Client,
                 400,
                 "missing_parameter",
             ),
             (
-                GatewayError::InvalidHeader {
+                E::InvalidHeader {
                     name: "language",
                     reason: "bad",
                 },
+                Client,
                 400,
                 "invalid_header",
             ),
-            (GatewayError::MissingCredentials, 401, "missing_token"),
-            (GatewayError::ExpiredCredentials, 401, "token_expired"),
+            (E::MissingCredentials, Client, 401, "missing_token"),
+            (E::ExpiredCredentials, Client, 401, "token_expired"),
             (
-                GatewayError::InvalidCredentials("x".into()),
+                E::InvalidCredentials(CredentialProblem::BadSignature),
+                Client,
                 401,
                 "invalid_token",
             ),
+            (E::UserNotProvisioned, Client, 403, "user_not_provisioned"),
             (
-                GatewayError::UserNotProvisioned,
-                403,
-                "user_not_provisioned",
+                E::KeysUnavailable {
+                    retry_after: Duration::from_secs(3),
+                },
+                IdentityProvider,
+                503,
+                "jwks_unavailable",
             ),
             (
-                GatewayError::UpstreamRejectedRequest {
-                    code: "40001".into(),
-                    msg: "bad".into(),
+                E::TokenUnavailable {
+                    retry_after: Duration::from_millis(1500),
+                    cause: TokenFailure::BackingOff,
                 },
-                400,
-                "40001",
-            ),
-            (GatewayError::KeysUnavailable, 503, "jwks_unavailable"),
-            (
-                GatewayError::TokenUnavailable {
-                    retry_after: std::time::Duration::from_millis(1500),
-                },
+                TokenEndpoint,
                 503,
                 "upstream_token_unavailable",
             ),
-            (GatewayError::UpstreamTimeout, 504, "upstream_timeout"),
             (
-                GatewayError::UpstreamUnreachable(io_error()),
+                E::UpstreamRejectedRequest {
+                    code: "40001".into(),
+                    msg: "bad".into(),
+                },
+                Upstream,
+                400,
+                "40001",
+            ),
+            (E::UpstreamTimeout, Upstream, 504, "upstream_timeout"),
+            (
+                E::UpstreamUnreachable(io_error()),
+                Upstream,
                 502,
                 "upstream_unreachable",
             ),
             (
-                GatewayError::UpstreamConnectionLost(io_error()),
+                E::UpstreamConnectionLost(io_error()),
+                Upstream,
                 502,
                 "upstream_connection_lost",
             ),
             (
-                GatewayError::UpstreamBadResponse("html".into()),
+                E::UpstreamBadResponse(BadResponse::NotSuccessShape(200)),
+                Upstream,
                 502,
                 "upstream_bad_response",
             ),
             (
-                GatewayError::UpstreamCredentialsRejected {
+                E::UpstreamCredentialsRejected {
                     status: 401,
                     code: "401".into(),
                 },
+                Upstream,
                 502,
                 "upstream_credentials_rejected",
             ),
             (
-                GatewayError::UpstreamFailed {
+                E::UpstreamFailed {
                     code: "50000".into(),
                     msg: "down".into(),
                 },
+                Upstream,
                 502,
                 "50000",
             ),
-            (GatewayError::Internal("bug".into()), 500, "internal_error"),
-        ];
-        for (error, status, code) in rows {
+            (
+                E::Internal(InternalError::TokenCacheEmpty),
+                Gateway,
+                500,
+                "internal_error",
+            ),
+        ]
+    }
+
+    /// Counts variants by an exhaustive match, so a new variant cannot be
+    /// left out of the table above unnoticed.
+    fn variant_index(error: &GatewayError) -> usize {
+        use GatewayError as E;
+        match error {
+            E::NotFound => 0,
+            E::MethodNotAllowed => 1,
+            E::BodyNotAllowed => 2,
+            E::InvalidQuery(_) => 3,
+            E::InvalidHeader { .. } => 4,
+            E::MissingCredentials => 5,
+            E::ExpiredCredentials => 6,
+            E::InvalidCredentials(_) => 7,
+            E::UserNotProvisioned => 8,
+            E::KeysUnavailable { .. } => 9,
+            E::TokenUnavailable { .. } => 10,
+            E::UpstreamRejectedRequest { .. } => 11,
+            E::UpstreamTimeout => 12,
+            E::UpstreamUnreachable(_) => 13,
+            E::UpstreamConnectionLost(_) => 14,
+            E::UpstreamBadResponse(_) => 15,
+            E::UpstreamCredentialsRejected { .. } => 16,
+            E::UpstreamFailed { .. } => 17,
+            E::Internal(_) => 18,
+        }
+    }
+
+    #[test]
+    fn every_error_maps_to_its_side_status_and_code() {
+        let rows = every_variant();
+        let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..=18).collect::<Vec<_>>(), "one row per variant");
+        for (error, side, status, code) in rows {
             let rendered = error.render();
+            assert_eq!(rendered.side, side, "{error:?}");
             assert_eq!(rendered.status.as_u16(), status, "{error:?}");
             assert_eq!(rendered.code, code, "{error:?}");
             assert!(!rendered.msg.is_empty(), "{error:?}");
+            let response = error.response(&TraceId::generate());
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            // Every 503 says when to come back.
+            if status == 503 {
+                assert!(response.headers().contains_key(RETRY_AFTER), "{error:?}");
+            }
         }
+    }
+
+    #[test]
+    fn the_identity_provider_and_a_koodrive_400_are_not_the_clients_side() {
+        let keys = GatewayError::KeysUnavailable {
+            retry_after: Duration::from_secs(1),
+        };
+        assert_eq!(keys.side(), Side::IdentityProvider);
+        let rejected = GatewayError::UpstreamRejectedRequest {
+            code: "1".into(),
+            msg: "m".into(),
+        };
+        assert_eq!(rejected.side(), Side::Upstream);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_value(Duration::from_secs(30)), "30");
+    }
+
+    #[test]
+    fn chain_names_the_cause_for_the_log() {
+        let error = GatewayError::UpstreamUnreachable(io_error());
+        assert_eq!(error.chain(), "upstream unreachable: boom");
     }
 
     #[test]
     fn internal_details_stay_out_of_the_message() {
         let rendered =
-            GatewayError::UpstreamBadResponse("<html>stack trace</html>".into()).render();
-        assert!(!rendered.msg.contains("stack"));
-        let rendered = GatewayError::Internal("secret path /etc/x".into()).render();
+            GatewayError::UpstreamBadResponse(BadResponse::UnparseableErrorBody(500)).render();
+        assert!(!rendered.msg.contains("500"));
+        let rendered =
+            GatewayError::Internal(InternalError::Panic("secret path /etc/x".into())).render();
         assert!(!rendered.msg.contains("/etc/x"));
     }
 
     #[test]
     fn method_not_allowed_carries_allow_header() {
-        let response = GatewayError::MethodNotAllowed.into_response(&TraceId::generate());
+        let response = GatewayError::MethodNotAllowed.response(&TraceId::generate());
         assert_eq!(response.headers()[ALLOW], "GET");
     }
 
     #[test]
     fn unavailable_token_says_when_to_retry() {
         let response = GatewayError::TokenUnavailable {
-            retry_after: std::time::Duration::from_millis(1500),
+            retry_after: Duration::from_millis(1500),
+            cause: TokenFailure::BackingOff,
         }
-        .into_response(&TraceId::generate());
+        .response(&TraceId::generate());
         assert_eq!(response.headers()[RETRY_AFTER], "2");
         assert!(!response.headers().contains_key(WWW_AUTHENTICATE));
     }
 
     #[test]
     fn auth_errors_carry_www_authenticate() {
-        let response = GatewayError::ExpiredCredentials.into_response(&TraceId::generate());
+        let response = GatewayError::ExpiredCredentials.response(&TraceId::generate());
         assert_eq!(
             response.headers()[WWW_AUTHENTICATE],
             "Bearer error=\"invalid_token\""
         );
-        let response = GatewayError::MissingCredentials.into_response(&TraceId::generate());
+        let response = GatewayError::MissingCredentials.response(&TraceId::generate());
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
     }
 }

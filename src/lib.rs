@@ -14,6 +14,7 @@ pub mod http_client;
 pub mod jobs;
 pub mod language;
 pub mod pipeline;
+pub(crate) mod record;
 pub mod server;
 pub mod token;
 pub mod trace_id;

@@ -93,7 +93,9 @@ fn init_tracing(json: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
-        builder.json().init();
+        // Event fields at the top level of each line (`status`, `trace_id`,
+        // …), not nested under `fields`.
+        builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }

@@ -1,24 +1,29 @@
 //! The request flow of DESIGN.md, in order, one line per step. Every exit
-//! goes through [`Pipeline::handle`], which normalizes errors and stamps
-//! `X-Traceid` on the response.
+//! goes through [`Pipeline::handle`], which normalizes errors (and panics),
+//! stamps `X-Traceid` on the response and closes the request's record.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{
     HeaderValue, AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
 };
 use http::{HeaderName, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Body;
+use tracing::Instrument;
 
-use crate::auth::{Authenticated, Principal, Verifier};
+use crate::auth::{Authenticated, Verifier};
 use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Served};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, InternalError};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
-use crate::token::{AccessToken, TokenSource};
+use crate::record::{QueryText, RequestRecord};
+use crate::server::ClientAddr;
+use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
 use crate::upstream::{Forward, Upstream, UpstreamReply};
 
@@ -52,63 +57,86 @@ impl Pipeline {
         self.cache.clone()
     }
 
-    /// Handles one request; never fails: errors become normalized responses.
+    /// Handles one request; never fails: errors, and panics, become
+    /// normalized responses carrying the request's trace id, and every
+    /// request leaves through [`Finished::log`] exactly once.
     pub async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
-        let started = Instant::now();
         let trace_id = TraceId::from_headers(request.headers());
-        let mut principal = None;
-        let mut response = match self.process(&request, &trace_id, &mut principal).await {
-            Ok(response) => response,
-            Err(error) => {
-                tracing::debug!(trace_id = %trace_id.as_str(), side = error.side(), cause = %error, "request failed");
-                error.into_response(&trace_id)
-            }
+        let mut record = RequestRecord::open(
+            trace_id.clone(),
+            request.extensions().get::<ClientAddr>().map(|c| c.0),
+            request.method(),
+            request.uri().path(),
+            request.uri().query(),
+        );
+        // Logs written while the request is handled (token exchange, JWKS
+        // refetch) carry its trace id.
+        let span = tracing::info_span!("request", trace_id = %trace_id.as_str());
+        let outcome = AssertUnwindSafe(self.process(&request, &mut record).instrument(span))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(GatewayError::Internal(InternalError::Panic(panic_message(
+                    panic.as_ref(),
+                ))))
+            });
+        let (mut response, error) = match outcome {
+            Ok(response) => (response, None),
+            Err(error) => (error.response(&trace_id), Some(error)),
         };
         response
             .headers_mut()
             .insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
-        tracing::info!(
-            trace_id = %trace_id.as_str(),
-            principal = principal.as_ref().map(|p: &Principal| p.subject.as_str()).unwrap_or("-"),
-            method = %request.method(),
-            path = %request.uri().path(),
-            status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
+        record.finish(response.status(), error).log();
         response
     }
 
     async fn process<B: Body>(
         &self,
         request: &Request<B>,
-        trace_id: &TraceId,
-        principal_out: &mut Option<Principal>,
+        record: &mut RequestRecord,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
         // Route first: unknown paths and methods need no credentials to refuse.
         route(request)?;
         // Authenticate before looking at the query, so the schema is not an
         // oracle for unauthenticated callers.
         let caller = self.verifier.verify(request.headers()).await?;
-        *principal_out = Some(caller.principal.clone());
+        record.principal = Some(caller.principal.subject.clone());
+        record.user_id = Some(caller.principal.user_id.clone());
         let query = JobsQuery::parse(request.uri().query())?;
+        record.query = Some(QueryText::Canonical(query.canonical()));
         let language = Language::from_headers(request.headers())?;
         // The cache after authentication and validation, so a hit skips
         // neither; before the token, so a hit costs no exchange.
-        let load = || self.forward(&caller, &query, &language, trace_id);
+        let trace_id = record.trace_id.clone();
         let served = match &self.cache {
             Some(cache) => {
                 let bypass = cache.honors_client_no_cache() && requests_no_cache(request.headers());
                 let key = CacheKey::new(&caller.principal, &query, &language);
-                cache.serve(key, bypass, load).await?
+                let (caller, query, language, trace_id) = (&caller, &query, &language, &trace_id);
+                let noted = &mut *record;
+                cache
+                    .serve(key, bypass, move || {
+                        self.forward(caller, query, language, trace_id, noted)
+                    })
+                    .await
             }
-            None => Served {
-                body: load().await?.body,
-                status: CacheStatus::Bypass,
-                age: None,
-            },
+            None => self
+                .forward(&caller, &query, &language, &trace_id, record)
+                .await
+                .map(|reply| Served {
+                    body: reply.body,
+                    status: CacheStatus::Bypass,
+                    age: None,
+                }),
         };
-        Ok(json_response(served))
+        // A failed load still tells whether the cache was consulted.
+        record.cache = Some(match &served {
+            Ok(served) => served.status,
+            Err(_) if self.cache.is_none() => CacheStatus::Bypass,
+            Err(_) => CacheStatus::Miss,
+        });
+        Ok(json_response(served?))
     }
 
     /// Obtains the caller's KooDrive token and sends the request. When
@@ -121,28 +149,47 @@ impl Pipeline {
         query: &JobsQuery,
         language: &Language,
         trace_id: &TraceId,
+        record: &mut RequestRecord,
     ) -> Result<UpstreamReply, GatewayError> {
         // Token after validation: a bad request never costs a token exchange.
-        let send = |token: AccessToken| async move {
-            let forward = Forward {
-                query,
-                user_id: &caller.principal.user_id,
-                token: &token,
-                trace_id,
-                language,
-            };
-            (self.upstream.fetch_jobs(&forward).await, token)
+        let token = self.tokens.token_for(caller).await?;
+        let send = |token| Forward {
+            query,
+            user_id: &caller.principal.user_id,
+            token,
+            trace_id,
+            language,
         };
-        match send(self.tokens.token_for(caller).await?).await {
-            (Err(GatewayError::UpstreamCredentialsRejected { .. }), refused)
-                if self.tokens.can_renew() =>
-            {
-                self.tokens.invalidate(caller, &refused).await;
-                send(self.tokens.token_for(caller).await?).await.0
+        match self.send(&send(&token), record).await {
+            Err(GatewayError::UpstreamCredentialsRejected { .. }) if self.tokens.can_renew() => {
+                self.tokens.invalidate(caller, &token).await;
+                let token = self.tokens.token_for(caller).await?;
+                self.send(&send(&token), record).await
             }
-            (result, _) => result,
+            result => result,
         }
     }
+
+    /// One call to KooDrive, noted in the record.
+    async fn send(
+        &self,
+        forward: &Forward<'_>,
+        record: &mut RequestRecord,
+    ) -> Result<UpstreamReply, GatewayError> {
+        let sent = Instant::now();
+        let attempt = self.upstream.fetch_jobs(forward).await;
+        record.upstream_called(attempt.status, sent.elapsed());
+        attempt.result
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a format).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".into())
 }
 
 /// 404 for other paths, 405 for other methods, 400 for a body on the GET.

@@ -18,7 +18,7 @@ use time::macros::format_description;
 use time::OffsetDateTime;
 
 use crate::cache_control;
-use crate::error::GatewayError;
+use crate::error::{BadResponse, GatewayError, InternalError};
 use crate::http_client::{self, FetchError, HttpsClient};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::{Language, LANGUAGE};
@@ -68,38 +68,49 @@ impl Upstream {
         }
     }
 
-    /// Sends one jobs request and returns KooDrive's success body verbatim.
-    /// `X-Date` is stamped here, so every call (a retry too) gets a fresh one.
-    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Result<UpstreamReply, GatewayError> {
-        let request = self.build_request(forward)?;
-        let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body)
+    /// Sends one jobs request and returns KooDrive's success body verbatim,
+    /// with KooDrive's status whatever it was. `X-Date` is stamped here, so
+    /// every call (a retry too) gets a fresh one.
+    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Attempt {
+        let request = match self.build_request(forward) {
+            Ok(request) => request,
+            Err(error) => return Attempt::failed(None, error),
+        };
+        let fetched = match http_client::fetch(&self.client, request, self.timeout, self.max_body)
             .await
-            .map_err(|e| match e {
-                FetchError::Timeout => GatewayError::UpstreamTimeout,
-                FetchError::Connect(cause) => GatewayError::UpstreamUnreachable(cause.into()),
-                FetchError::Lost(cause) => GatewayError::UpstreamConnectionLost(cause.into()),
-                FetchError::TooLarge(_) => {
-                    GatewayError::UpstreamBadResponse("response body too large".into())
-                }
-            })?;
+        {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                let error = match e {
+                    FetchError::Timeout => GatewayError::UpstreamTimeout,
+                    FetchError::Connect(cause) => GatewayError::UpstreamUnreachable(cause.into()),
+                    FetchError::Lost(cause) => GatewayError::UpstreamConnectionLost(cause.into()),
+                    FetchError::TooLarge(_) => {
+                        GatewayError::UpstreamBadResponse(BadResponse::TooLarge)
+                    }
+                };
+                return Attempt::failed(None, error);
+            }
+        };
         let storable = storable(&fetched.headers);
-        Ok(UpstreamReply {
-            body: normalize(fetched.status, fetched.body)?,
-            storable,
-        })
+        Attempt {
+            status: Some(fetched.status),
+            result: normalize(fetched.status, fetched.body)
+                .map(|body| UpstreamReply { body, storable }),
+        }
     }
 
     fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Full<Bytes>>, GatewayError> {
         let uri = format!("{}?{}", self.jobs_url, forward.query.canonical());
         let header = |value: &str| {
             HeaderValue::from_str(value)
-                .map_err(|_| GatewayError::Internal("unrepresentable upstream header".into()))
+                .map_err(|_| GatewayError::Internal(InternalError::UnrepresentableHeader))
         };
         let mut authorization = header(&format!("Bearer {}", forward.token.expose()))?;
         authorization.set_sensitive(true);
         let mut request = Request::get(uri)
             .body(Full::default())
-            .map_err(|_| GatewayError::Internal("unrepresentable upstream URI".into()))?;
+            .map_err(|_| GatewayError::Internal(InternalError::UnrepresentableUri))?;
         let headers = request.headers_mut();
         headers.insert(AUTHORIZATION, authorization);
         headers.insert(HeaderName::from_static(X_USER_ID), header(forward.user_id)?);
@@ -122,6 +133,23 @@ impl Upstream {
             header(&x_date(OffsetDateTime::now_utc()))?,
         );
         Ok(request)
+    }
+}
+
+/// One call to KooDrive: its status when an answer arrived, and what the
+/// answer means.
+#[derive(Debug)]
+pub struct Attempt {
+    pub status: Option<StatusCode>,
+    pub result: Result<UpstreamReply, GatewayError>,
+}
+
+impl Attempt {
+    fn failed(status: Option<StatusCode>, error: GatewayError) -> Attempt {
+        Attempt {
+            status,
+            result: Err(error),
+        }
     }
 }
 
@@ -187,12 +215,13 @@ struct KooDriveSuccess {
 
 /// Maps KooDrive's answer to the body to return or the error to raise.
 fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
-    let bad = |what: &str| GatewayError::UpstreamBadResponse(format!("status {status}: {what}"));
+    let code = status.as_u16();
+    let bad = GatewayError::UpstreamBadResponse;
     let error_body = || serde_json::from_slice::<KooDriveError>(&body).ok();
     match status.as_u16() {
         200 => {
             let parsed: KooDriveSuccess = serde_json::from_slice(&body)
-                .map_err(|_| bad("body is not KooDrive's success shape"))?;
+                .map_err(|_| bad(BadResponse::NotSuccessShape(code)))?;
             let code = parsed.code.into_string();
             if code == "0" {
                 Ok(body)
@@ -208,7 +237,7 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
                 code: e.code.into_string(),
                 msg: clean_msg(&e.msg),
             })
-            .unwrap_or_else(|| bad("unparseable error body"))),
+            .unwrap_or(bad(BadResponse::UnparseableErrorBody(code)))),
         401 | 403 => Err(GatewayError::UpstreamCredentialsRejected {
             status: status.as_u16(),
             code: error_body()
@@ -220,8 +249,8 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
                 code: e.code.into_string(),
                 msg: clean_msg(&e.msg),
             })
-            .unwrap_or_else(|| bad("unparseable error body"))),
-        _ => Err(bad("unexpected status")),
+            .unwrap_or(bad(BadResponse::UnparseableErrorBody(code)))),
+        _ => Err(bad(BadResponse::UnexpectedStatus(code))),
     }
 }
 

@@ -153,6 +153,8 @@ pub struct KeyStore {
     refresh: Duration,
     /// When the key set was last fetched, and the `max-age` sent with it.
     fetched: std::sync::Mutex<Fetched>,
+    /// When the background refresh tries next.
+    next_attempt: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -193,6 +195,7 @@ impl KeyStore {
                 at: Instant::now(),
                 max_age: None,
             }),
+            next_attempt: std::sync::Mutex::new(None),
         });
         let first = match preloaded {
             Some(set) => Ok(set),
@@ -258,6 +261,24 @@ impl KeyStore {
         fetched.at + period
     }
 
+    /// How long until the key set may next be loaded: the background
+    /// refresh's next attempt or the next allowed on-demand refetch,
+    /// whichever comes first (for `Retry-After` while none is loaded).
+    pub(crate) fn retry_after(&self) -> Duration {
+        let now = Instant::now();
+        let background = *self.next_attempt.lock().unwrap_or_else(|p| p.into_inner());
+        let on_demand = match self.last_refetch.try_lock() {
+            Ok(last) => last.map(|at| at + self.min_refetch),
+            // A refetch is running right now.
+            Err(_) => Some(now),
+        };
+        [background, on_demand]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(self.min_refetch, |at| at.saturating_duration_since(now))
+    }
+
     /// Whether the key set can change without a restart, so that
     /// [`Self::keep_fresh`] is worth running (a URL; a file changes only
     /// when reloaded).
@@ -275,6 +296,7 @@ impl KeyStore {
                 Some(delay) => Instant::now() + delay,
                 None => self.next_refresh(),
             };
+            *self.next_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(due);
             tokio::time::sleep_until(due).await;
             // An on-demand refetch may have renewed the set meanwhile.
             if retry.is_none() && self.next_refresh() > Instant::now() {

@@ -20,7 +20,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 
 use crate::config::AuthConfig;
-use crate::error::GatewayError;
+use crate::error::{CredentialProblem, GatewayError};
 use claims::Claims;
 pub use jwks::{JwksError, KeySet, KeyStore};
 
@@ -110,27 +110,26 @@ impl Verifier {
 
     /// Verifies one compact JWS and derives the principal.
     pub async fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
-        let invalid = |reason: &str| GatewayError::InvalidCredentials(reason.to_owned());
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| invalid("malformed token or unsupported algorithm"))?;
+        use CredentialProblem as P;
+        let invalid = GatewayError::InvalidCredentials;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| invalid(P::MalformedHeaderSegment))?;
         let validation = self
             .validations
             .iter()
             .find(|(alg, _)| *alg == header.alg)
             .map(|(_, validation)| validation)
-            .ok_or_else(|| invalid("algorithm not accepted"))?;
+            .ok_or(invalid(P::AlgorithmNotAccepted))?;
         if header.jwk.is_some()
             || header.jku.is_some()
             || header.x5u.is_some()
             || header.x5c.is_some()
         {
-            return Err(invalid(
-                "embedded key references (jwk, jku, x5u, x5c) are not accepted",
-            ));
+            return Err(invalid(P::EmbeddedKeyReference));
         }
         // RFC 7515 §4.1.11: unknown critical extensions must be refused.
         if header.crit.is_some() {
-            return Err(invalid("critical header extensions are not supported"));
+            return Err(invalid(P::CriticalExtension));
         }
         if let Some(expected) = &self.typ {
             if !header
@@ -138,7 +137,7 @@ impl Verifier {
                 .as_deref()
                 .is_some_and(|t| t.eq_ignore_ascii_case(expected))
             {
-                return Err(invalid("wrong token type (typ)"));
+                return Err(invalid(P::WrongType));
             }
         }
         let mut keys = match self.keys.current() {
@@ -147,7 +146,9 @@ impl Verifier {
                 .keys
                 .refetch()
                 .await
-                .ok_or(GatewayError::KeysUnavailable)?,
+                .ok_or_else(|| GatewayError::KeysUnavailable {
+                    retry_after: self.keys.retry_after(),
+                })?,
         };
         // A `kid` the key set does not know may be a freshly rotated key.
         if header.kid.is_some() && keys.find(header.kid.as_deref(), header.alg).is_none() {
@@ -155,25 +156,25 @@ impl Verifier {
         }
         let key = keys
             .find(header.kid.as_deref(), header.alg)
-            .ok_or_else(|| invalid("no matching verification key"))?;
+            .ok_or(invalid(P::NoMatchingKey))?;
 
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => GatewayError::ExpiredCredentials,
-                ErrorKind::ImmatureSignature => invalid("token is not valid yet (nbf)"),
-                ErrorKind::InvalidIssuer => invalid("wrong issuer"),
-                ErrorKind::InvalidAudience => invalid("wrong audience"),
-                ErrorKind::InvalidSignature => invalid("signature does not verify"),
+                ErrorKind::ImmatureSignature => invalid(P::NotYetValid),
+                ErrorKind::InvalidIssuer => invalid(P::WrongIssuer),
+                ErrorKind::InvalidAudience => invalid(P::WrongAudience),
+                ErrorKind::InvalidSignature => invalid(P::BadSignature),
                 ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
-                    "exp" => invalid("missing claim `exp`"),
-                    "iss" => invalid("missing claim `iss`"),
-                    _ => invalid("missing claim `aud`"),
+                    "exp" => invalid(P::MissingClaim("exp")),
+                    "iss" => invalid(P::MissingClaim("iss")),
+                    _ => invalid(P::MissingClaim("aud")),
                 },
-                _ => invalid("malformed token"),
+                _ => invalid(P::Malformed),
             })?;
         let claims = data.claims;
         if claims.issued_in_future(self.leeway) {
-            return Err(invalid("token issued in the future (iat)"));
+            return Err(invalid(P::IssuedInFuture));
         }
         Ok(Principal {
             subject: identity(&claims, &self.principal_claim)?,
@@ -203,17 +204,17 @@ fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayEr
     // Two credentials in one request are ambiguous: refuse rather than pick.
     if values.next().is_some() {
         return Err(GatewayError::InvalidCredentials(
-            "more than one authorization header".into(),
+            CredentialProblem::MultipleHeaders,
         ));
     }
     if value.len() > max_bytes {
         return Err(GatewayError::InvalidCredentials(
-            "authorization header too large".into(),
+            CredentialProblem::TooLarge,
         ));
     }
     let value = value
         .to_str()
-        .map_err(|_| GatewayError::InvalidCredentials("malformed authorization header".into()))?;
+        .map_err(|_| GatewayError::InvalidCredentials(CredentialProblem::MalformedHeader))?;
     match value.split_once(' ') {
         Some((scheme, token))
             if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
@@ -221,7 +222,7 @@ fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayEr
             Ok(token.trim())
         }
         _ => Err(GatewayError::InvalidCredentials(
-            "expected `Authorization: Bearer <token>`".into(),
+            CredentialProblem::NotBearer,
         )),
     }
 }
@@ -230,15 +231,15 @@ fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayEr
 /// (it becomes a header value and a cache key), at most 256 characters.
 fn identity(claims: &Claims, name: &str) -> Result<String, GatewayError> {
     let value = claims.string(name).ok_or_else(|| {
-        GatewayError::InvalidCredentials(format!("missing string claim `{name}`"))
+        GatewayError::InvalidCredentials(CredentialProblem::MissingIdentity(name.to_owned()))
     })?;
     let usable = !value.is_empty()
         && value.len() <= MAX_IDENTITY_LEN
         && value.bytes().all(|b| b.is_ascii_graphic());
     if !usable {
-        return Err(GatewayError::InvalidCredentials(format!(
-            "claim `{name}` must be 1-{MAX_IDENTITY_LEN} visible ASCII characters"
-        )));
+        return Err(GatewayError::InvalidCredentials(
+            CredentialProblem::UnusableIdentity(name.to_owned()),
+        ));
     }
     Ok(value.to_owned())
 }
@@ -297,7 +298,9 @@ mod tests {
     fn oversized_header_is_refused_before_decoding() {
         let value = format!("Bearer {}", "a".repeat(MAX));
         match bearer_token(&headers(&value), MAX) {
-            Err(GatewayError::InvalidCredentials(reason)) => assert!(reason.contains("too large")),
+            Err(GatewayError::InvalidCredentials(problem)) => {
+                assert_eq!(problem, CredentialProblem::TooLarge)
+            }
             other => panic!("{other:?}"),
         }
     }

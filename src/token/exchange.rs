@@ -17,7 +17,7 @@ use tracing::instrument::{Instrument, WithSubscriber};
 use super::endpoint::{Issued, Subject, TokenEndpoint};
 use super::AccessToken;
 use crate::auth::{Authenticated, Principal};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, InternalError, TokenFailure};
 
 /// First back-off delay after a failed exchange.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -178,6 +178,7 @@ impl<E: TokenEndpoint> Inner<E> {
                 if let Some(backoff) = self.backoff.get(&key).filter(|b| now < b.until) {
                     return Err(GatewayError::TokenUnavailable {
                         retry_after: backoff.until - now,
+                        cause: TokenFailure::BackingOff,
                     });
                 }
                 match self.endpoint.issue(subject).await {
@@ -188,7 +189,10 @@ impl<E: TokenEndpoint> Inner<E> {
                     Err(error) => {
                         let retry_after = self.record_failure(&key);
                         tracing::warn!(user_id = %key.1, %error, retry_after_ms = retry_after.as_millis() as u64, "token exchange failed");
-                        Err(GatewayError::TokenUnavailable { retry_after })
+                        Err(GatewayError::TokenUnavailable {
+                            retry_after,
+                            cause: TokenFailure::Exchange(Arc::new(error)),
+                        })
                     }
                 }
             })
@@ -197,9 +201,9 @@ impl<E: TokenEndpoint> Inner<E> {
             CompResult::Inserted(entry)
             | CompResult::ReplacedWith(entry)
             | CompResult::Unchanged(entry) => Ok(entry.into_value().token.clone()),
-            CompResult::Removed(_) | CompResult::StillNone(_) => Err(GatewayError::Internal(
-                "token cache returned no entry".into(),
-            )),
+            CompResult::Removed(_) | CompResult::StillNone(_) => {
+                Err(GatewayError::Internal(InternalError::TokenCacheEmpty))
+            }
         }
     }
 
@@ -342,7 +346,7 @@ pub(crate) mod tests {
         // 520 s elapsed; at 540 s the token expires and is never injected.
         tokio::time::advance(Duration::from_secs(21)).await;
         match cache.token_for(&caller("app", "u1")).await {
-            Err(GatewayError::TokenUnavailable { retry_after }) => {
+            Err(GatewayError::TokenUnavailable { retry_after, .. }) => {
                 assert!(retry_after <= BACKOFF_MAX && retry_after > Duration::ZERO)
             }
             other => panic!("expected 503, got {other:?}"),
@@ -368,7 +372,7 @@ pub(crate) mod tests {
         let mut delays = Vec::new();
         for _ in 0..10 {
             match cache.token_for(&caller("app", "u1")).await {
-                Err(GatewayError::TokenUnavailable { retry_after }) => {
+                Err(GatewayError::TokenUnavailable { retry_after, .. }) => {
                     delays.push(retry_after);
                     tokio::time::advance(retry_after).await;
                 }

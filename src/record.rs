@@ -1,0 +1,268 @@
+//! The per-request record: what happened to one request, filled in by the
+//! pipeline's steps as they run, and the one exit every request leaves
+//! through — answered, refused or panicked — which writes the access-log
+//! line (and is where the audit record and metrics are written).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+
+use crate::cache::CacheStatus;
+use crate::error::{GatewayError, Side};
+use crate::trace_id::TraceId;
+
+/// Longest query text kept in a record (client-supplied, so bounded).
+pub(crate) const MAX_QUERY_CHARS: usize = 1024;
+
+/// What the gateway did with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Refused before KooDrive was asked (route, credentials, schema, token).
+    Rejected,
+    /// KooDrive was asked — by this request or by the one whose answer it
+    /// shared — whatever KooDrive then answered (the cache may say BYPASS).
+    Forwarded,
+    /// Answered from a fresh cache entry.
+    CacheHit,
+    /// KooDrive failed; answered from an expired entry (stale-if-error).
+    Stale,
+}
+
+impl Decision {
+    /// The label in logs and the audit record.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Decision::Rejected => "rejected",
+            Decision::Forwarded => "forwarded",
+            Decision::CacheHit => "cache_hit",
+            Decision::Stale => "stale",
+        }
+    }
+}
+
+/// The request's query as recorded: canonical once the schema accepted it,
+/// else the raw text (truncated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum QueryText {
+    Canonical(String),
+    Raw(String),
+}
+
+impl QueryText {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            QueryText::Canonical(text) | QueryText::Raw(text) => text,
+        }
+    }
+}
+
+/// One call to KooDrive made for this request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamCall {
+    /// KooDrive's status; `None` when no response arrived (timeout,
+    /// connection failure).
+    pub status: Option<StatusCode>,
+    /// Time from sending the request to reading the whole answer, over
+    /// every attempt (a retry after a refused token included).
+    pub latency: Duration,
+}
+
+/// What is known about a request while it is being handled.
+#[derive(Debug)]
+pub(crate) struct RequestRecord {
+    pub trace_id: TraceId,
+    started: Instant,
+    pub client: Option<SocketAddr>,
+    pub method: Method,
+    pub path: String,
+    pub query: Option<QueryText>,
+    /// The verified caller, once authenticated.
+    pub principal: Option<String>,
+    pub user_id: Option<String>,
+    pub cache: Option<CacheStatus>,
+    pub upstream: Option<UpstreamCall>,
+}
+
+impl RequestRecord {
+    /// Opens the record of a request as it arrives.
+    pub(crate) fn open(
+        trace_id: TraceId,
+        client: Option<SocketAddr>,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> RequestRecord {
+        RequestRecord {
+            trace_id,
+            started: Instant::now(),
+            client,
+            method: method.clone(),
+            path: path.to_owned(),
+            query: query.map(|q| QueryText::Raw(q.chars().take(MAX_QUERY_CHARS).collect())),
+            principal: None,
+            user_id: None,
+            cache: None,
+            upstream: None,
+        }
+    }
+
+    /// Adds one KooDrive call's outcome; a second call (a retry) adds its
+    /// time and replaces the status.
+    pub(crate) fn upstream_called(&mut self, status: Option<StatusCode>, latency: Duration) {
+        let before = self.upstream.map_or(Duration::ZERO, |call| call.latency);
+        self.upstream = Some(UpstreamCall {
+            status,
+            latency: before + latency,
+        });
+    }
+
+    /// Closes the record with the response's status and, for an error, the
+    /// error.
+    pub(crate) fn finish(self, status: StatusCode, error: Option<GatewayError>) -> Finished {
+        let decision = match (&error, self.cache) {
+            (None, Some(CacheStatus::Hit)) => Decision::CacheHit,
+            (None, Some(CacheStatus::Stale)) => Decision::Stale,
+            (None, _) => Decision::Forwarded,
+            (Some(error), _) if error.side() == Side::Upstream => Decision::Forwarded,
+            (Some(_), _) => Decision::Rejected,
+        };
+        Finished {
+            latency: self.started.elapsed(),
+            record: self,
+            status,
+            decision,
+            error,
+        }
+    }
+}
+
+/// A request's complete record, as the exit writes it.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub record: RequestRecord,
+    pub status: StatusCode,
+    pub decision: Decision,
+    pub error: Option<GatewayError>,
+    /// From arrival to the response being ready.
+    pub latency: Duration,
+}
+
+/// Milliseconds with microsecond precision, for logs.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_micros() as f64) / 1000.0
+}
+
+impl Finished {
+    /// Writes the access-log line: one per request, at info level, flat
+    /// fields. Client-supplied text (path, query) is written with `?` so
+    /// that control characters are escaped and cannot split the line.
+    /// For a 5xx the error's causes are included.
+    pub(crate) fn log(&self) {
+        let r = &self.record;
+        let rendered = self.error.as_ref().map(GatewayError::render);
+        let cause = self
+            .error
+            .as_ref()
+            .filter(|_| self.status.is_server_error())
+            .map(GatewayError::chain);
+        tracing::info!(
+            trace_id = %r.trace_id.as_str(),
+            client = r.client.map(tracing::field::display),
+            method = %r.method,
+            path = ?r.path,
+            query = r.query.as_ref().map(|q| tracing::field::debug(q.as_str())),
+            principal = r.principal.as_deref(),
+            user_id = r.user_id.as_deref(),
+            decision = self.decision.as_str(),
+            cache = r.cache.map(CacheStatus::as_str),
+            upstream_status = r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
+            upstream_ms = r.upstream.map(|u| millis(u.latency)),
+            status = self.status.as_u16(),
+            code = rendered.as_ref().map(|x| x.code.as_str()),
+            side = rendered.as_ref().map(|x| x.side.as_str()),
+            latency_ms = millis(self.latency),
+            cause,
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::InternalError;
+
+    fn record() -> RequestRecord {
+        RequestRecord::open(
+            TraceId::generate(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 5000))),
+            &Method::GET,
+            "/koodrive/ose/v1/jobs",
+            Some("limit=1&offset=0"),
+        )
+    }
+
+    #[test]
+    fn the_decision_follows_the_cache_status_and_the_side_that_failed() {
+        let mut hit = record();
+        hit.cache = Some(CacheStatus::Hit);
+        assert_eq!(
+            hit.finish(StatusCode::OK, None).decision,
+            Decision::CacheHit
+        );
+        let mut stale = record();
+        stale.cache = Some(CacheStatus::Stale);
+        assert_eq!(stale.finish(StatusCode::OK, None).decision, Decision::Stale);
+        let mut bypass = record();
+        bypass.cache = Some(CacheStatus::Bypass);
+        assert_eq!(
+            bypass.finish(StatusCode::OK, None).decision,
+            Decision::Forwarded
+        );
+        let timeout = record().finish(
+            StatusCode::GATEWAY_TIMEOUT,
+            Some(GatewayError::UpstreamTimeout),
+        );
+        assert_eq!(timeout.decision, Decision::Forwarded);
+        let refused = record().finish(
+            StatusCode::UNAUTHORIZED,
+            Some(GatewayError::MissingCredentials),
+        );
+        assert_eq!(refused.decision, Decision::Rejected);
+        let panic = record().finish(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(GatewayError::Internal(InternalError::Panic("x".into()))),
+        );
+        assert_eq!(panic.decision, Decision::Rejected);
+    }
+
+    #[test]
+    fn a_retry_adds_its_time_and_replaces_the_status() {
+        let mut r = record();
+        r.upstream_called(Some(StatusCode::UNAUTHORIZED), Duration::from_millis(3));
+        r.upstream_called(Some(StatusCode::OK), Duration::from_millis(4));
+        assert_eq!(
+            r.upstream,
+            Some(UpstreamCall {
+                status: Some(StatusCode::OK),
+                latency: Duration::from_millis(7),
+            })
+        );
+    }
+
+    #[test]
+    fn raw_queries_are_truncated() {
+        let long = "x".repeat(5000);
+        let r = RequestRecord::open(TraceId::generate(), None, &Method::GET, "/", Some(&long));
+        assert_eq!(
+            r.query.as_ref().map(|q| q.as_str().len()),
+            Some(MAX_QUERY_CHARS)
+        );
+    }
+
+    #[test]
+    fn latency_keeps_sub_millisecond_precision() {
+        assert_eq!(millis(Duration::from_micros(734)), 0.734);
+    }
+}
