@@ -1,6 +1,7 @@
 //! Integration tests: the emulator and the gateway in-process on ephemeral
 //! ports, talked to over real TLS (HTTP/1.1 and HTTP/2).
 
+mod access_log;
 mod auth;
 mod binary;
 mod caching;

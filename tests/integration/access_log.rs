@@ -1,0 +1,108 @@
+//! The access-log line: one per request, with what happened to it.
+
+use std::collections::HashMap;
+
+use crate::support::{Options, TestEnv};
+
+const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
+
+/// The fields of the one access-log line of the request with `trace_id`
+/// (text format: `… request key=value key="text" …`).
+fn access_line(env: &TestEnv, trace_id: &str) -> HashMap<String, String> {
+    let log = env.log();
+    let marker = format!(" request trace_id={trace_id} ");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&marker)).collect();
+    assert_eq!(lines.len(), 1, "one access line for {trace_id}:\n{log}");
+    let fields = &lines[0][lines[0].find(&marker).unwrap() + " request ".len()..];
+    fields
+        .split(' ')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn forwarded_requests_cache_hits_and_rejections_are_logged_with_their_outcome() {
+    let env = TestEnv::start_with(Options {
+        cache: "ttl_ms = 60000",
+        ..Options::default()
+    })
+    .await;
+    let forwarded = env
+        .get_with("u-1", PATH, &[("x-traceid", "log-forwarded")])
+        .await;
+    assert_eq!(forwarded.status, 200);
+    let line = access_line(&env, "log-forwarded");
+    assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/koodrive/ose/v1/jobs");
+    assert_eq!(line["query"], "offset=0&limit=2");
+    assert_eq!(line["principal"], "app-u-1");
+    assert_eq!(line["user_id"], "u-1");
+    assert_eq!(line["decision"], "forwarded");
+    assert_eq!(line["cache"], "MISS");
+    assert_eq!(line["upstream_status"], "200");
+    let upstream_ms: f64 = line["upstream_ms"].parse().unwrap();
+    let latency_ms: f64 = line["latency_ms"].parse().unwrap();
+    assert!(upstream_ms > 0.0 && upstream_ms <= latency_ms, "{line:?}");
+    // Sub-millisecond precision: a fraction is printed.
+    assert!(line["latency_ms"].contains('.'), "{line:?}");
+    assert_eq!(line["status"], "200");
+    assert!(!line.contains_key("code"), "{line:?}");
+
+    let hit = env.get_with("u-1", PATH, &[("x-traceid", "log-hit")]).await;
+    assert_eq!(hit.header("x-cache"), "HIT");
+    let line = access_line(&env, "log-hit");
+    assert_eq!(line["decision"], "cache_hit");
+    assert_eq!(line["cache"], "HIT");
+    assert!(!line.contains_key("upstream_status"), "{line:?}");
+    assert!(!line.contains_key("upstream_ms"), "{line:?}");
+    assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
+
+    let bad = env
+        .get_with(
+            "u-1",
+            "/koodrive/ose/v1/jobs?offset=0&limit=101",
+            &[("x-traceid", "log-bad")],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    let line = access_line(&env, "log-bad");
+    assert_eq!(line["decision"], "rejected");
+    assert_eq!(line["status"], "400");
+    assert_eq!(line["code"], "invalid_parameter");
+    assert_eq!(line["side"], "client");
+    // Not valid, so the raw query is recorded.
+    assert_eq!(line["query"], "offset=0&limit=101");
+    assert_eq!(line["principal"], "app-u-1");
+    assert!(!line.contains_key("cache"), "{line:?}");
+    assert!(!line.contains_key("upstream_status"), "{line:?}");
+    assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
+    assert_eq!(env.emulator.jobs_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_5xx_line_names_its_cause() {
+    let env = TestEnv::start_with(Options {
+        upstream_override: Some("https://127.0.0.1:1".into()),
+        ..Options::default()
+    })
+    .await;
+    let reply = env
+        .get_with("u-1", PATH, &[("x-traceid", "log-unreachable")])
+        .await;
+    assert_eq!(reply.status, 502);
+    let line = access_line(&env, "log-unreachable");
+    assert_eq!(line["code"], "upstream_unreachable");
+    assert_eq!(line["side"], "upstream");
+    assert_eq!(line["decision"], "forwarded");
+    assert!(!line.contains_key("upstream_status"), "{line:?}");
+    assert!(line.contains_key("upstream_ms"), "{line:?}");
+    let log = env.log();
+    let full = log
+        .lines()
+        .find(|l| l.contains("log-unreachable") && l.contains("cause="))
+        .unwrap();
+    assert!(full.contains("upstream unreachable: "), "{full}");
+    assert!(full.to_lowercase().contains("connect"), "{full}");
+}
