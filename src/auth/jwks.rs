@@ -346,3 +346,210 @@ impl KeyStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    // Public keys from the RFCs' examples: RSA (RFC 7517 A.1), two P-256
+    // keys (RFC 7517 A.1, RFC 7515 A.3) and Ed25519 (RFC 8037 A.2).
+    const RSA_N: &str = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
+    const EC_1: (&str, &str) = (
+        "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4",
+        "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM",
+    );
+    const EC_2: (&str, &str) = (
+        "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+        "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+    );
+    const ED_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+
+    const ALL: [Algorithm; 12] = [
+        Algorithm::HS256,
+        Algorithm::HS384,
+        Algorithm::HS512,
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+        Algorithm::EdDSA,
+    ];
+
+    fn rsa(kid: &str, alg: &str) -> Value {
+        json!({"kty": "RSA", "kid": kid, "alg": alg, "use": "sig", "n": RSA_N, "e": "AQAB"})
+    }
+
+    fn ec(kid: &str, alg: &str, (x, y): (&str, &str)) -> Value {
+        json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": alg, "use": "sig", "x": x, "y": y})
+    }
+
+    fn ed(kid: &str, alg: &str) -> Value {
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": alg, "use": "sig", "x": ED_X})
+    }
+
+    fn oct(kid: &str) -> Value {
+        json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": "c2hhcmVkLXNlY3JldC1zaGFyZWQtc2VjcmV0"})
+    }
+
+    fn parse(keys: Vec<Value>) -> Result<KeySet, JwksError> {
+        KeySet::from_json(&serde_json::to_vec(&json!({ "keys": keys })).unwrap())
+    }
+
+    fn key_set(keys: Vec<Value>) -> KeySet {
+        parse(keys).unwrap()
+    }
+
+    /// The position in the JWKS (of the usable keys) of the key `find`
+    /// picks.
+    fn found(set: &KeySet, kid: Option<&str>, alg: Algorithm) -> Option<usize> {
+        let key = set.find(kid, alg)?;
+        Some(
+            set.keys
+                .iter()
+                .position(|k| std::ptr::eq(&k.key, key))
+                .expect("find returned a key outside the set"),
+        )
+    }
+
+    #[test]
+    fn the_key_with_the_tokens_kid_is_found() {
+        let set = key_set(vec![
+            ec("a", "ES256", EC_1),
+            ec("b", "ES256", EC_2),
+            rsa("c", "RS256"),
+        ]);
+        assert_eq!(found(&set, Some("a"), Algorithm::ES256), Some(0));
+        assert_eq!(found(&set, Some("b"), Algorithm::ES256), Some(1));
+        assert_eq!(found(&set, Some("c"), Algorithm::RS256), Some(2));
+    }
+
+    #[test]
+    fn an_unknown_kid_finds_no_key_even_when_one_key_would_fit() {
+        let set = key_set(vec![ec("a", "ES256", EC_1)]);
+        assert_eq!(found(&set, Some("a"), Algorithm::ES256), Some(0));
+        assert_eq!(found(&set, Some("unknown"), Algorithm::ES256), None);
+        assert_eq!(found(&set, Some(""), Algorithm::ES256), None);
+    }
+
+    #[test]
+    fn an_ec_key_never_verifies_rs256() {
+        // Even mislabelled with "alg": "RS256", an EC key stays an EC key.
+        let set = key_set(vec![
+            ec("ec", "ES256", EC_1),
+            ec("mislabelled", "RS256", EC_2),
+        ]);
+        for kid in ["ec", "mislabelled"] {
+            for alg in [Algorithm::RS256, Algorithm::PS256, Algorithm::HS256] {
+                assert_eq!(found(&set, Some(kid), alg), None, "{kid} {alg:?}");
+            }
+        }
+        assert_eq!(found(&set, None, Algorithm::RS256), None);
+        assert_eq!(found(&set, Some("ec"), Algorithm::ES256), Some(0));
+    }
+
+    #[test]
+    fn an_rsa_key_never_verifies_es256() {
+        let set = key_set(vec![rsa("rsa", "RS256"), rsa("mislabelled", "ES256")]);
+        for kid in ["rsa", "mislabelled"] {
+            for alg in [Algorithm::ES256, Algorithm::ES384, Algorithm::EdDSA] {
+                assert_eq!(found(&set, Some(kid), alg), None, "{kid} {alg:?}");
+            }
+        }
+        assert_eq!(found(&set, None, Algorithm::ES256), None);
+        assert_eq!(found(&set, Some("rsa"), Algorithm::RS256), Some(0));
+    }
+
+    #[test]
+    fn an_ed25519_key_verifies_eddsa_only() {
+        let set = key_set(vec![ed("ed", "EdDSA"), ed("mislabelled", "ES256")]);
+        for alg in ALL {
+            let expected = (alg == Algorithm::EdDSA).then_some(0);
+            assert_eq!(found(&set, Some("ed"), alg), expected, "{alg:?}");
+            assert_eq!(found(&set, Some("mislabelled"), alg), None, "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_pinned_to_rs256_is_not_used_for_rs384_or_ps256() {
+        let set = key_set(vec![rsa("rsa", "RS256")]);
+        assert_eq!(found(&set, Some("rsa"), Algorithm::RS256), Some(0));
+        assert_eq!(found(&set, None, Algorithm::RS256), Some(0));
+        for alg in [
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ] {
+            assert_eq!(found(&set, Some("rsa"), alg), None, "{alg:?}");
+            assert_eq!(found(&set, None, alg), None, "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_pinned_to_es256_is_not_used_for_es384() {
+        let set = key_set(vec![ec("ec", "ES256", EC_1)]);
+        assert_eq!(found(&set, Some("ec"), Algorithm::ES384), None);
+        assert_eq!(found(&set, None, Algorithm::ES384), None);
+    }
+
+    #[test]
+    fn keys_for_encryption_are_skipped() {
+        let mut enc = ec("enc", "ES256", EC_2);
+        enc["use"] = json!("enc");
+        let mut unspecified = ec("unspecified", "ES256", EC_1);
+        unspecified.as_object_mut().unwrap().remove("use");
+        let set = key_set(vec![enc.clone(), unspecified, ec("sig", "ES256", EC_1)]);
+        assert_eq!(set.keys.len(), 2);
+        assert_eq!(found(&set, Some("enc"), Algorithm::ES256), None);
+        assert_eq!(found(&set, Some("unspecified"), Algorithm::ES256), Some(0));
+        assert_eq!(found(&set, Some("sig"), Algorithm::ES256), Some(1));
+        assert!(matches!(parse(vec![enc]), Err(JwksError::Empty)));
+    }
+
+    #[test]
+    fn symmetric_oct_keys_are_skipped() {
+        let set = key_set(vec![oct("hmac"), ec("ec", "ES256", EC_1)]);
+        assert_eq!(set.keys.len(), 1);
+        assert_eq!(found(&set, Some("hmac"), Algorithm::HS256), None);
+        assert_eq!(found(&set, None, Algorithm::HS256), None);
+        assert_eq!(found(&set, Some("ec"), Algorithm::ES256), Some(0));
+    }
+
+    #[test]
+    fn a_jwks_of_only_symmetric_keys_is_empty() {
+        assert!(matches!(
+            parse(vec![oct("hmac-1"), oct("hmac-2")]),
+            Err(JwksError::Empty)
+        ));
+    }
+
+    #[test]
+    fn without_a_kid_the_only_key_of_the_family_is_used() {
+        let set = key_set(vec![
+            rsa("rsa", "RS256"),
+            ec("ec", "ES256", EC_1),
+            ed("ed", "EdDSA"),
+        ]);
+        assert_eq!(found(&set, None, Algorithm::RS256), Some(0));
+        assert_eq!(found(&set, None, Algorithm::ES256), Some(1));
+        assert_eq!(found(&set, None, Algorithm::EdDSA), Some(2));
+    }
+
+    #[test]
+    fn without_a_kid_two_keys_of_the_family_are_ambiguous() {
+        let set = key_set(vec![
+            ec("ec-1", "ES256", EC_1),
+            ec("ec-2", "ES256", EC_2),
+            rsa("rsa", "RS256"),
+        ]);
+        assert_eq!(found(&set, None, Algorithm::ES256), None);
+        assert_eq!(found(&set, None, Algorithm::RS256), Some(2));
+        assert_eq!(found(&set, Some("ec-2"), Algorithm::ES256), Some(1));
+    }
+}

@@ -247,7 +247,11 @@ fn identity(claims: &Claims, name: &str) -> Result<String, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::JwksSource;
     use http::HeaderValue;
+    use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::{json, Value};
 
     const MAX: usize = 8 * 1024;
 
@@ -303,5 +307,520 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    // ---- Verifier::verify_token ----
+
+    const ISS: &str = "https://idp.example.test";
+    const AUD: &str = "koodrive-gateway";
+    const EC_KID: &str = "ec-1";
+    const ED_KID: &str = "ed-1";
+    /// The configured user id claim; deliberately not `sub`.
+    const USER_CLAIM: &str = "koodrive_user";
+
+    fn client() -> crate::http_client::HttpsClient {
+        crate::server::tls::install_default_providers();
+        crate::http_client::build(crate::server::tls::client_config(None).unwrap())
+    }
+
+    fn auth_config(jwks: JwksSource) -> AuthConfig {
+        AuthConfig {
+            issuer: ISS.into(),
+            audience: AUD.into(),
+            jwks,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refetch: Duration::from_secs(3600),
+            algorithms: vec![Algorithm::ES256, Algorithm::EdDSA],
+            leeway: Duration::from_secs(60),
+            principal_claim: "sub".into(),
+            user_id_claim: USER_CLAIM.into(),
+            max_token_bytes: MAX,
+            typ: None,
+        }
+    }
+
+    fn es256_pem() -> String {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem()
+    }
+
+    /// An ES256 and an EdDSA signing key, the public halves in a JWKS file.
+    struct Keys {
+        dir: tempfile::TempDir,
+        ec_pem: String,
+        ec: EncodingKey,
+        ed: EncodingKey,
+    }
+
+    impl Keys {
+        fn new() -> Keys {
+            crate::server::tls::install_default_providers();
+            let ec_pem = es256_pem();
+            let ec = EncodingKey::from_ec_pem(ec_pem.as_bytes()).unwrap();
+            let ed_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let ed = EncodingKey::from_ed_pem(ed_pair.serialize_pem().as_bytes()).unwrap();
+            let mut ec_jwk = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
+            ec_jwk.common.key_id = Some(EC_KID.into());
+            ec_jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            // rcgen writes Ed25519 keys as PKCS#8 v2, which
+            // `Jwk::from_encoding_key` does not take: the JWK by hand.
+            let ed_jwk: Jwk = serde_json::from_value(json!({
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "x": b64(ed_pair.public_key_raw()),
+                "alg": "EdDSA",
+                "use": "sig",
+                "kid": ED_KID,
+            }))
+            .unwrap();
+            let set = JwkSet {
+                keys: vec![ec_jwk, ed_jwk],
+            };
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("jwks.json"),
+                serde_json::to_vec(&set).unwrap(),
+            )
+            .unwrap();
+            Keys {
+                dir,
+                ec_pem,
+                ec,
+                ed,
+            }
+        }
+
+        fn config(&self) -> AuthConfig {
+            auth_config(JwksSource::File(self.dir.path().join("jwks.json")))
+        }
+
+        async fn verifier(&self) -> Verifier {
+            self.verifier_with(|_| {}).await
+        }
+
+        async fn verifier_with(&self, edit: impl FnOnce(&mut AuthConfig)) -> Verifier {
+            let mut config = self.config();
+            edit(&mut config);
+            Verifier::new(&config, KeyStore::load(&config, client()).await.unwrap())
+        }
+
+        /// Signs with the key of `header.alg`'s family.
+        fn sign(&self, header: &Header, claims: &Value) -> String {
+            let key = match header.alg {
+                Algorithm::EdDSA => &self.ed,
+                _ => &self.ec,
+            };
+            jsonwebtoken::encode(header, claims, key).unwrap()
+        }
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn claims() -> Value {
+        json!({
+            "iss": ISS,
+            "aud": AUD,
+            "sub": "svc-reports",
+            USER_CLAIM: "u-42",
+            "iat": now(),
+            "exp": now() + 300,
+        })
+    }
+
+    fn claims_with(name: &str, value: Value) -> Value {
+        let mut claims = claims();
+        claims[name] = value;
+        claims
+    }
+
+    fn claims_without(name: &str) -> Value {
+        let mut claims = claims();
+        claims.as_object_mut().unwrap().remove(name).unwrap();
+        claims
+    }
+
+    fn header(alg: Algorithm, kid: &str) -> Header {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        header
+    }
+
+    fn es256() -> Header {
+        header(Algorithm::ES256, EC_KID)
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    #[track_caller]
+    fn assert_invalid(result: Result<Principal, GatewayError>) {
+        assert!(
+            matches!(result, Err(GatewayError::InvalidCredentials(_))),
+            "expected InvalidCredentials, got {result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_yields_the_subject_and_user_id_of_the_configured_claims() {
+        let keys = Keys::new();
+        let principal = keys
+            .verifier()
+            .await
+            .verify_token(&keys.sign(&es256(), &claims()))
+            .await
+            .unwrap();
+        assert_eq!(
+            principal,
+            Principal {
+                subject: "svc-reports".into(),
+                user_id: "u-42".into(),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_principal_comes_from_whichever_claims_are_configured() {
+        let keys = Keys::new();
+        let verifier = keys
+            .verifier_with(|c| {
+                c.principal_claim = "client_id".into();
+                c.user_id_claim = "sub".into();
+            })
+            .await;
+        let token = keys.sign(&es256(), &claims_with("client_id", json!("svc-b")));
+        let principal = verifier.verify_token(&token).await.unwrap();
+        assert_eq!(principal.subject, "svc-b");
+        assert_eq!(principal.user_id, "svc-reports");
+    }
+
+    #[tokio::test]
+    async fn an_eddsa_token_verifies_when_eddsa_is_allowed() {
+        let keys = Keys::new();
+        let token = keys.sign(&header(Algorithm::EdDSA, ED_KID), &claims());
+        let principal = keys.verifier().await.verify_token(&token).await.unwrap();
+        assert_eq!(principal.user_id, "u-42");
+    }
+
+    #[tokio::test]
+    async fn a_token_signed_by_another_key_is_invalid() {
+        let keys = Keys::new();
+        let other = EncodingKey::from_ec_pem(es256_pem().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&es256(), &claims(), &other).unwrap();
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_with_a_tampered_payload_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims());
+        let (header, rest) = token.split_once('.').unwrap();
+        let (_, signature) = rest.split_once('.').unwrap();
+        let forged = b64(&serde_json::to_vec(&claims_with(USER_CLAIM, json!("u-1"))).unwrap());
+        let tampered = format!("{header}.{forged}.{signature}");
+        assert_invalid(keys.verifier().await.verify_token(&tampered).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_from_another_issuer_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_with("iss", json!("https://evil.test")));
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_for_another_audience_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_with("aud", json!("another-service")));
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_without_iss_or_aud_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        for claim in ["iss", "aud"] {
+            let token = keys.sign(&es256(), &claims_without(claim));
+            assert_invalid(verifier.verify_token(&token).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_is_expired_credentials() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_with("exp", json!(now() - 3600)));
+        let result = keys.verifier().await.verify_token(&token).await;
+        assert!(
+            matches!(result, Err(GatewayError::ExpiredCredentials)),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_expired_within_the_leeway_is_still_accepted() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_with("exp", json!(now() - 10)));
+        assert!(keys.verifier().await.verify_token(&token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_not_valid_before_a_future_time_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_with("nbf", json!(now() + 3600)));
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_issued_in_the_future_beyond_the_leeway_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims_with("iat", json!(now() + 3600)));
+        assert_invalid(verifier.verify_token(&token).await);
+        // Within the leeway, clock skew is tolerated.
+        let token = keys.sign(&es256(), &claims_with("iat", json!(now() + 10)));
+        assert!(verifier.verify_token(&token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_without_exp_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&es256(), &claims_without("exp"));
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_algorithm_outside_the_allow_list_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys
+            .verifier_with(|c| c.algorithms = vec![Algorithm::ES256])
+            .await;
+        // Signed correctly, with a key the JWKS holds for EdDSA.
+        let token = keys.sign(&header(Algorithm::EdDSA, ED_KID), &claims());
+        assert_invalid(verifier.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_alg_none_token_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let payload = b64(&serde_json::to_vec(&claims()).unwrap());
+        for header in [
+            json!({"alg": "none", "typ": "JWT", "kid": EC_KID}),
+            json!({"alg": "None", "typ": "JWT"}),
+        ] {
+            let token = format!("{}.{payload}.", b64(&serde_json::to_vec(&header).unwrap()));
+            assert_invalid(verifier.verify_token(&token).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_hs256_token_is_invalid() {
+        let keys = Keys::new();
+        let token = jsonwebtoken::encode(
+            &header(Algorithm::HS256, EC_KID),
+            &claims(),
+            &EncodingKey::from_secret(b"a shared secret").unwrap(),
+        )
+        .unwrap();
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_hs256_token_keyed_with_the_public_key_is_invalid_even_if_hs256_were_allowed() {
+        // The classic key-confusion attack: the verifier's public key used
+        // as an HMAC secret. Config validation refuses HS256; this checks
+        // the key lookup refuses it too.
+        let keys = Keys::new();
+        let verifier = keys
+            .verifier_with(|c| c.algorithms.push(Algorithm::HS256))
+            .await;
+        let jwks = std::fs::read(keys.dir.path().join("jwks.json")).unwrap();
+        let public_pem = rcgen::KeyPair::from_pem(&keys.ec_pem)
+            .unwrap()
+            .public_key_pem();
+        for secret in [jwks.as_slice(), public_pem.as_bytes()] {
+            let token = jsonwebtoken::encode(
+                &header(Algorithm::HS256, EC_KID),
+                &claims(),
+                &EncodingKey::from_secret(secret).unwrap(),
+            )
+            .unwrap();
+            assert_invalid(verifier.verify_token(&token).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_embedded_jwk_header_is_invalid() {
+        let keys = Keys::new();
+        let mut header = es256();
+        // The token's own (valid) key, embedded: still refused.
+        header.jwk = Some(Jwk::from_encoding_key(&keys.ec, Algorithm::ES256).unwrap());
+        let token = keys.sign(&header, &claims());
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_embedded_jku_header_is_invalid() {
+        let keys = Keys::new();
+        let mut header = es256();
+        header.jku = Some("https://evil.test/jwks.json".into());
+        let token = keys.sign(&header, &claims());
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_embedded_x5u_header_is_invalid() {
+        let keys = Keys::new();
+        let mut header = es256();
+        header.x5u = Some("https://evil.test/cert.pem".into());
+        let token = keys.sign(&header, &claims());
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_crit_header_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let mut header = es256();
+        header.crit = Some(vec!["exp".into()]);
+        assert_invalid(verifier.verify_token(&keys.sign(&header, &claims())).await);
+        // jsonwebtoken itself accepts `"crit": ["b64"]` with `"b64": true`;
+        // the gateway refuses every critical extension.
+        header.crit = Some(vec!["b64".into()]);
+        header.extras.insert("b64", true);
+        assert_invalid(verifier.verify_token(&keys.sign(&header, &claims())).await);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_or_missing_typ_is_invalid_when_typ_is_required() {
+        let keys = Keys::new();
+        let verifier = keys.verifier_with(|c| c.typ = Some("at+jwt".into())).await;
+        for typ in [Some("JWT"), Some("at+jwt+x"), None] {
+            let mut header = es256();
+            header.typ = typ.map(Into::into);
+            let token = keys.sign(&header, &claims());
+            let result = verifier.verify_token(&token).await;
+            assert!(
+                matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                "typ {typ:?}: {result:?}"
+            );
+        }
+        // The required typ, in any case, is accepted.
+        for typ in ["at+jwt", "AT+JWT"] {
+            let mut header = es256();
+            header.typ = Some(typ.into());
+            let token = keys.sign(&header, &claims());
+            assert!(verifier.verify_token(&token).await.is_ok(), "{typ}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_is_invalid() {
+        let keys = Keys::new();
+        let token = keys.sign(&header(Algorithm::ES256, "unknown-kid"), &claims());
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn a_token_without_the_principal_claim_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        for claim in ["sub", USER_CLAIM] {
+            let token = keys.sign(&es256(), &claims_without(claim));
+            let result = verifier.verify_token(&token).await;
+            assert!(
+                matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                "without {claim}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_identity_claim_that_is_not_a_string_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        for value in [json!(42), json!(["u-42"]), json!(null)] {
+            let token = keys.sign(&es256(), &claims_with(USER_CLAIM, value.clone()));
+            let result = verifier.verify_token(&token).await;
+            assert!(
+                matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                "{value}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_identity_claim_with_spaces_or_controls_or_empty_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        for claim in ["sub", USER_CLAIM] {
+            for value in ["svc reports", " u-42", "u-42\n", "u\u{7f}", "ü-42", ""] {
+                let token = keys.sign(&es256(), &claims_with(claim, json!(value)));
+                let result = verifier.verify_token(&token).await;
+                assert!(
+                    matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                    "{claim} = {value:?}: {result:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_identity_claim_longer_than_256_characters_is_invalid() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        for claim in ["sub", USER_CLAIM] {
+            let longest = "a".repeat(MAX_IDENTITY_LEN);
+            let token = keys.sign(&es256(), &claims_with(claim, json!(longest)));
+            assert!(verifier.verify_token(&token).await.is_ok(), "{claim}");
+            let too_long = "a".repeat(MAX_IDENTITY_LEN + 1);
+            let token = keys.sign(&es256(), &claims_with(claim, json!(too_long)));
+            let result = verifier.verify_token(&token).await;
+            assert!(
+                matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                "{claim}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_repeating_a_claim_is_invalid() {
+        let keys = Keys::new();
+        let header = b64(&serde_json::to_vec(&es256()).unwrap());
+        let body = claims().to_string();
+        let payload =
+            b64(format!("{},\"sub\":\"svc-admin\"}}", &body[..body.len() - 1]).as_bytes());
+        let message = format!("{header}.{payload}");
+        // Sign the exact bytes, duplicate and all.
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &keys.ec, Algorithm::ES256).unwrap();
+        let token = format!("{message}.{signature}");
+        assert_invalid(keys.verifier().await.verify_token(&token).await);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_jwks_url_is_keys_unavailable() {
+        let keys = Keys::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url: http::Uri = format!("http://127.0.0.1:{port}/jwks.json")
+            .parse()
+            .unwrap();
+        let config = auth_config(JwksSource::Url(url));
+        let store = KeyStore::load(&config, client()).await.unwrap();
+        assert!(store.current().is_none());
+        let verifier = Verifier::new(&config, store);
+        let result = verifier.verify_token(&keys.sign(&es256(), &claims())).await;
+        assert!(
+            matches!(result, Err(GatewayError::KeysUnavailable)),
+            "{result:?}"
+        );
     }
 }
