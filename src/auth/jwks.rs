@@ -90,7 +90,10 @@ impl KeySet {
         let keys: Vec<Key> = set
             .keys
             .iter()
-            .filter(|jwk| jwk.is_supported())
+            // `alg` is optional (RFC 7517 §4.4): a key without it serves any
+            // algorithm of its family; one with an unsupported `alg` is
+            // skipped.
+            .filter(|jwk| jwk.common.key_algorithm.is_none() || jwk.is_supported())
             .filter(|jwk| !matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature))
             .filter(|jwk| !matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)))
             .filter_map(|jwk| {
@@ -510,6 +513,18 @@ mod tests {
         assert_eq!(found(&set, Some("unspecified"), Algorithm::ES256), Some(0));
         assert_eq!(found(&set, Some("sig"), Algorithm::ES256), Some(1));
         assert!(matches!(parse(vec![enc]), Err(JwksError::Empty)));
+    }
+
+    #[test]
+    fn a_key_without_alg_serves_every_algorithm_of_its_family() {
+        let mut open = ec("open", "ES256", EC_1);
+        open.as_object_mut().unwrap().remove("alg");
+        let set = key_set(vec![open]);
+        assert_eq!(found(&set, Some("open"), Algorithm::ES256), Some(0));
+        assert_eq!(found(&set, None, Algorithm::ES256), Some(0));
+        // Still never outside its family.
+        assert_eq!(found(&set, Some("open"), Algorithm::RS256), None);
+        assert_eq!(found(&set, Some("open"), Algorithm::EdDSA), None);
     }
 
     #[test]

@@ -818,9 +818,14 @@ mod tests {
         assert!(store.current().is_none());
         let verifier = Verifier::new(&config, store);
         let result = verifier.verify_token(&keys.sign(&es256(), &claims())).await;
-        assert!(
-            matches!(result, Err(GatewayError::KeysUnavailable)),
-            "{result:?}"
-        );
+        // Retry-After follows the schedule: the refetch this request caused
+        // allows the next one only after `jwks_min_refetch` (an hour here).
+        match result {
+            Err(GatewayError::KeysUnavailable { retry_after }) => assert!(
+                retry_after > Duration::from_secs(3590) && retry_after <= Duration::from_secs(3600),
+                "{retry_after:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }
