@@ -194,6 +194,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// 404 for other paths, 405 for other methods, 400 for a body on the GET.
 fn route<B: Body>(request: &Request<B>) -> Result<(), GatewayError> {
+    #[cfg(test)]
+    if request.uri().path() == tests::PANIC_PATH {
+        panic!("test fault: {}", tests::PANIC_PATH);
+    }
     if request.uri().path() != JOBS_PATH {
         return Err(GatewayError::NotFound);
     }
@@ -234,9 +238,123 @@ fn json_response(served: Served) -> Response<Full<Bytes>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use http_body_util::Empty;
+    use crate::auth::{KeySet, KeyStore};
+    use crate::config::{AuthConfig, JwksSource};
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tracing::instrument::WithSubscriber;
+
+    /// A test-only route whose handler panics (see `route`).
+    pub(crate) const PANIC_PATH: &str = "/__test/panic";
+
+    /// RFC 7515 appendix A.3's P-256 public key.
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    /// A pipeline whose upstream is never reached by these tests.
+    async fn pipeline() -> Pipeline {
+        crate::server::tls::install_default_providers();
+        let client =
+            crate::http_client::build(crate::server::tls::client_config(None).unwrap());
+        let auth = AuthConfig {
+            issuer: "iss".into(),
+            audience: "aud".into(),
+            jwks: JwksSource::File("unused.json".into()),
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refetch: Duration::from_secs(30),
+            algorithms: vec![jsonwebtoken::Algorithm::ES256],
+            leeway: Duration::from_secs(60),
+            principal_claim: "sub".into(),
+            user_id_claim: "uid".into(),
+            max_token_bytes: 8192,
+            typ: None,
+        };
+        let keys = KeySet::from_json(JWKS.as_bytes()).unwrap();
+        let store = KeyStore::start(&auth, client.clone(), Some(keys))
+            .await
+            .unwrap();
+        let upstream = Upstream::new(
+            &"http://127.0.0.1:1".parse().unwrap(),
+            client,
+            Duration::from_secs(1),
+            1024,
+        );
+        Pipeline::new(
+            Verifier::new(&auth, store),
+            TokenSource::Static(Default::default()),
+            upstream,
+            None,
+        )
+    }
+
+    /// A subscriber writing plain text into a buffer.
+    fn capture() -> (tracing::Dispatch, Arc<Mutex<Vec<u8>>>) {
+        #[derive(Clone)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (tracing::Dispatch::new(subscriber), buffer.0)
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_answered_with_the_requests_trace_id_and_logged_once() {
+        let pipeline = pipeline().await;
+        for inbound in [Some("panic-trace-7"), None] {
+            let (dispatch, log) = capture();
+            let mut request = request(Method::GET, PANIC_PATH);
+            request
+                .extensions_mut()
+                .insert(ClientAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 4321))));
+            if let Some(id) = inbound {
+                request
+                    .headers_mut()
+                    .insert(X_TRACEID, HeaderValue::from_static(id));
+            }
+            let response = pipeline.handle(request).with_subscriber(dispatch).await;
+            assert_eq!(response.status(), 500);
+            let header = response.headers()[X_TRACEID].to_str().unwrap().to_owned();
+            if let Some(id) = inbound {
+                assert_eq!(header, id);
+            }
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["code"], "internal_error");
+            assert_eq!(body["traceId"], header.as_str());
+            assert!(!body["msg"].as_str().unwrap().contains("test fault"));
+
+            let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&format!(" request trace_id={header} ")))
+                .collect();
+            assert_eq!(lines.len(), 1, "{log}");
+            for field in [
+                "status=500",
+                "code=\"internal_error\"",
+                "side=\"gateway\"",
+                "client=127.0.0.1:4321",
+                "decision=\"rejected\"",
+                "request handler panicked: test fault",
+            ] {
+                assert!(lines[0].contains(field), "{field} missing: {}", lines[0]);
+            }
+        }
+    }
 
     fn request(method: Method, uri: &str) -> Request<Empty<Bytes>> {
         Request::builder()
