@@ -193,8 +193,10 @@ async fn hop_by_hop_headers_do_not_cross_the_gateway() {
             "u-1",
             &format!("{JOBS}?offset=0&limit=1"),
             &[
-                ("connection", "x-secret-hop"),
+                ("connection", "x-secret-hop, keep-alive"),
                 ("x-secret-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("upgrade", "websocket"),
                 ("te", "trailers"),
                 ("proxy-authorization", "Basic Zm9vOmJhcg=="),
                 ("cookie", "session=abc"),

@@ -84,6 +84,10 @@ pub struct TestEnv {
     /// Everything this gateway logged (at debug level), and nothing that
     /// another test's gateway logged.
     log: LogCapture,
+    /// One pooled client per HTTP version, so a test's requests share
+    /// connections instead of paying a handshake each.
+    h1: HttpsClient,
+    h2: HttpsClient,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -227,6 +231,8 @@ impl TestEnv {
             admin,
             cache,
             log,
+            h1: client(&certs.join(devcerts::CA_CERT), Version::HTTP_11),
+            h2: client(&certs.join(devcerts::CA_CERT), Version::HTTP_2),
             shutdown: Some(shutdown),
         }
     }
@@ -322,7 +328,11 @@ impl TestEnv {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Reply {
-        let client = client(&self.certs().join(devcerts::CA_CERT), version);
+        let client = if version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            &self.h1
+        };
         let mut request = Request::builder().method(method).uri(format!(
             "https://localhost:{}{path_and_query}",
             self.addr.port()
@@ -344,16 +354,22 @@ impl TestEnv {
     }
 }
 
+/// The tests' HTTPS client.
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// A rustls client trusting `ca`, speaking only `version` (ALPN-negotiated).
-pub fn client(
-    ca: &Path,
-    version: Version,
-) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+pub fn client(ca: &Path, version: Version) -> HttpsClient {
     let tls = tls::client_config(Some(ca)).unwrap();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
     let mut client = Client::builder(TokioExecutor::new());
+    // Connections idle longer than this are not reused: the gateway closes
+    // idle HTTP/1.1 connections after its 10 s header-read timeout, and
+    // tests that advance paused time would otherwise race that close.
+    client
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(5));
     let connector = if version == Version::HTTP_2 {
         client.http2_only(true);
         builder.enable_http2().build()
