@@ -6,14 +6,14 @@ use http::HeaderMap;
 
 /// One directive: its name (lower case) and optional argument.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Directive {
+pub(crate) struct Directive {
     pub name: String,
     pub value: Option<String>,
 }
 
 /// All directives of the message's `Cache-Control` fields, in order.
 /// Fields that are not visible ASCII are skipped.
-pub fn directives(headers: &HeaderMap) -> Vec<Directive> {
+pub(crate) fn directives(headers: &HeaderMap) -> Vec<Directive> {
     headers
         .get_all(CACHE_CONTROL)
         .iter()
@@ -29,12 +29,12 @@ pub fn directives(headers: &HeaderMap) -> Vec<Directive> {
 }
 
 /// Whether a directive named `name` is present.
-pub fn has(headers: &HeaderMap, name: &str) -> bool {
+pub(crate) fn has(headers: &HeaderMap, name: &str) -> bool {
     directives(headers).iter().any(|d| d.name == name)
 }
 
 /// `max-age` in seconds, if present and valid.
-pub fn max_age(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn max_age(headers: &HeaderMap) -> Option<u64> {
     directives(headers)
         .into_iter()
         .find(|d| d.name == "max-age")

@@ -219,9 +219,9 @@ pub enum InternalError {
 }
 
 /// A boxed error, as hyper and tower hand them over.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A shared cause carried by transport errors.
-pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+pub(crate) type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
 /// What the client is told (status, code, message) and which side failed.
 #[derive(Debug, PartialEq, Eq)]
@@ -433,7 +433,7 @@ impl GatewayError {
 }
 
 /// `Retry-After` in whole seconds, at least 1 (RFC 9110 §10.2.3).
-pub fn retry_after_value(delay: Duration) -> HeaderValue {
+pub(crate) fn retry_after_value(delay: Duration) -> HeaderValue {
     let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
     HeaderValue::from(seconds.max(1))
 }
@@ -448,7 +448,7 @@ struct ErrorBody<'a> {
 
 /// Builds a normalized error response. Used by [`GatewayError`] and by the
 /// few places (panic handler) that fail outside the pipeline.
-pub fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     code: &str,
     msg: &str,

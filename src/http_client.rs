@@ -16,10 +16,10 @@ use hyper_util::rt::TokioExecutor;
 use crate::error::BoxError;
 
 /// A pooled HTTPS (or loopback HTTP) client.
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the client; connections are reused across requests.
-pub fn build(tls: rustls::ClientConfig) -> HttpsClient {
+pub(crate) fn build(tls: rustls::ClientConfig) -> HttpsClient {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -34,7 +34,7 @@ pub fn build(tls: rustls::ClientConfig) -> HttpsClient {
 
 /// A complete response.
 #[derive(Debug)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -55,7 +55,7 @@ pub enum FetchError {
 
 /// Sends `request` and reads the whole answer, within `timeout` and at
 /// most `max_body` bytes of body.
-pub async fn fetch(
+pub(crate) async fn fetch(
     client: &HttpsClient,
     request: Request<Full<Bytes>>,
     timeout: Duration,

@@ -5,7 +5,7 @@
 use std::fmt;
 
 /// The path the gateway serves (and forwards to).
-pub const JOBS_PATH: &str = "/koodrive/ose/v1/jobs";
+pub(crate) const JOBS_PATH: &str = "/koodrive/ose/v1/jobs";
 
 /// Longest accepted value, checked before any number is parsed. Leading
 /// zeros are allowed, so this is longer than `i64::MAX` has digits.

@@ -6,9 +6,9 @@ use http::HeaderMap;
 use crate::error::GatewayError;
 
 /// The header name, as KooDrive spells it.
-pub const LANGUAGE: &str = "language";
+pub(crate) const LANGUAGE: &str = "language";
 /// KooDrive's documented default.
-pub const DEFAULT_LANGUAGE: &str = "en-US";
+pub(crate) const DEFAULT_LANGUAGE: &str = "en-US";
 const MAX_LEN: usize = 35;
 
 /// A validated language tag.

@@ -3,22 +3,25 @@
 //! [`config::Config`] into a bound, ready server; [`Gateway::run`] serves it.
 #![forbid(unsafe_code)]
 
-pub mod auth;
+// The public surface is what `main.rs` and the integration tests use: the
+// config, building and running a gateway, the emulator, TLS set-up, dev
+// material and the cache's counters. Everything else is the crate's own.
+pub(crate) mod auth;
 pub mod cache;
-pub mod cache_control;
+pub(crate) mod cache_control;
 pub mod config;
 pub mod devcerts;
 pub mod emulator;
-pub mod error;
-pub mod http_client;
-pub mod jobs;
-pub mod language;
-pub mod pipeline;
+pub(crate) mod error;
+pub(crate) mod http_client;
+pub(crate) mod jobs;
+pub(crate) mod language;
+pub(crate) mod pipeline;
 pub(crate) mod record;
 pub mod server;
 pub mod token;
-pub mod trace_id;
-pub mod upstream;
+pub(crate) mod trace_id;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

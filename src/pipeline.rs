@@ -29,7 +29,7 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     verifier: Verifier,
     tokens: TokenSource,
     upstream: Upstream,
@@ -60,7 +60,7 @@ impl Pipeline {
     /// Handles one request; never fails: errors, and panics, become
     /// normalized responses carrying the request's trace id, and every
     /// request leaves through [`Finished::log`] exactly once.
-    pub async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
+    pub(crate) async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let trace_id = TraceId::from_headers(request.headers());
         let mut record = RequestRecord::open(
             trace_id.clone(),
@@ -256,8 +256,7 @@ pub(crate) mod tests {
     /// A pipeline whose upstream is never reached by these tests.
     async fn pipeline() -> Pipeline {
         crate::server::tls::install_default_providers();
-        let client =
-            crate::http_client::build(crate::server::tls::client_config(None).unwrap());
+        let client = crate::http_client::build(crate::server::tls::client_config(None).unwrap());
         let auth = AuthConfig {
             issuer: "iss".into(),
             audience: "aud".into(),
@@ -319,7 +318,10 @@ pub(crate) mod tests {
             let mut request = request(Method::GET, PANIC_PATH);
             request
                 .extensions_mut()
-                .insert(ClientAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 4321))));
+                .insert(ClientAddr(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    4321,
+                ))));
             if let Some(id) = inbound {
                 request
                     .headers_mut()

@@ -7,7 +7,7 @@ use http::HeaderMap;
 use rand::Rng;
 
 /// The `X-Traceid` header name.
-pub const X_TRACEID: &str = "x-traceid";
+pub(crate) const X_TRACEID: &str = "x-traceid";
 
 const MAX_LEN: usize = 64;
 

@@ -26,15 +26,15 @@ use crate::token::AccessToken;
 use crate::trace_id::{TraceId, X_TRACEID};
 
 /// `X-User-Id`: the KooDrive user the request acts for.
-pub const X_USER_ID: &str = "x-user-id";
+pub(crate) const X_USER_ID: &str = "x-user-id";
 /// `X-Date`: when the request was sent, `yyyyMMdd'T'HHmmss'Z'` UTC.
-pub const X_DATE: &str = "x-date";
+pub(crate) const X_DATE: &str = "x-date";
 /// Longest upstream error message passed on to the client.
 const MAX_MSG_CHARS: usize = 512;
 
 /// Everything the upstream request is built from.
 #[derive(Debug)]
-pub struct Forward<'a> {
+pub(crate) struct Forward<'a> {
     pub query: &'a JobsQuery,
     pub user_id: &'a str,
     pub token: &'a AccessToken,
@@ -44,7 +44,7 @@ pub struct Forward<'a> {
 
 /// The KooDrive upstream: base URL, pooled client, limits.
 #[derive(Clone, Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: HttpsClient,
     jobs_url: String,
     timeout: Duration,
@@ -53,7 +53,12 @@ pub struct Upstream {
 
 impl Upstream {
     /// A client for `base` (scheme, authority and optional path prefix).
-    pub fn new(base: &Uri, client: HttpsClient, timeout: Duration, max_body: usize) -> Upstream {
+    pub(crate) fn new(
+        base: &Uri,
+        client: HttpsClient,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Upstream {
         let prefix = base.path().trim_end_matches('/');
         let jobs_url = format!(
             "{}://{}{prefix}{JOBS_PATH}",
@@ -71,7 +76,7 @@ impl Upstream {
     /// Sends one jobs request and returns KooDrive's success body verbatim,
     /// with KooDrive's status whatever it was. `X-Date` is stamped here, so
     /// every call (a retry too) gets a fresh one.
-    pub async fn fetch_jobs(&self, forward: &Forward<'_>) -> Attempt {
+    pub(crate) async fn fetch_jobs(&self, forward: &Forward<'_>) -> Attempt {
         let request = match self.build_request(forward) {
             Ok(request) => request,
             Err(error) => return Attempt::failed(None, error),
@@ -139,7 +144,7 @@ impl Upstream {
 /// One call to KooDrive: its status when an answer arrived, and what the
 /// answer means.
 #[derive(Debug)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     pub status: Option<StatusCode>,
     pub result: Result<UpstreamReply, GatewayError>,
 }
@@ -169,7 +174,7 @@ fn storable(headers: &http::HeaderMap) -> bool {
 }
 
 /// Formats `X-Date`: `yyyyMMdd'T'HHmmss'Z'` in UTC, e.g. `20251103T070140Z`.
-pub fn x_date(at: OffsetDateTime) -> String {
+pub(crate) fn x_date(at: OffsetDateTime) -> String {
     let format = format_description!("[year][month][day]T[hour][minute][second]Z");
     at.to_offset(time::UtcOffset::UTC)
         .format(&format)

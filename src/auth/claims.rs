@@ -11,16 +11,16 @@ use serde_json::Value;
 
 /// Claims of a verified token, by name.
 #[derive(Debug)]
-pub struct Claims(BTreeMap<String, Value>);
+pub(super) struct Claims(BTreeMap<String, Value>);
 
 impl Claims {
     /// A claim's value if it is a string.
-    pub fn string(&self, name: &str) -> Option<&str> {
+    pub(super) fn string(&self, name: &str) -> Option<&str> {
         self.0.get(name).and_then(Value::as_str)
     }
 
     /// Whether `iat` lies further in the future than the leeway allows.
-    pub fn issued_in_future(&self, leeway: Duration) -> bool {
+    pub(super) fn issued_in_future(&self, leeway: Duration) -> bool {
         let now = jsonwebtoken::get_current_timestamp();
         match self.0.get("iat") {
             None => false,

@@ -59,7 +59,7 @@ struct Key {
 }
 
 /// The keys tokens may be verified with.
-pub struct KeySet {
+pub(crate) struct KeySet {
     keys: Vec<Key>,
 }
 
@@ -72,7 +72,7 @@ impl std::fmt::Debug for KeySet {
 
 impl KeySet {
     /// Reads and parses a JWKS file (without blocking the runtime).
-    pub async fn from_file(path: &Path) -> Result<KeySet, JwksError> {
+    pub(crate) async fn from_file(path: &Path) -> Result<KeySet, JwksError> {
         let bytes = tokio::fs::read(path)
             .await
             .map_err(|source| JwksError::Read {
@@ -85,7 +85,7 @@ impl KeySet {
     /// Parses a JWKS document. Keys that are not for signatures, not
     /// supported, or symmetric (`oct`) are skipped: a public key set must
     /// never hold a shared secret.
-    pub fn from_json(bytes: &[u8]) -> Result<KeySet, JwksError> {
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<KeySet, JwksError> {
         let set: JwkSet = serde_json::from_slice(bytes)?;
         let keys: Vec<Key> = set
             .keys
@@ -114,7 +114,7 @@ impl KeySet {
     /// `kid`, only an unambiguous key (exactly one of the right family) is
     /// used. A key never verifies an algorithm outside its family or other
     /// than the `alg` the JWKS pins it to.
-    pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&DecodingKey> {
+    pub(crate) fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&DecodingKey> {
         let usable = |k: &&Key| {
             k.key.family() == alg.family() && k.alg.is_none_or(|a| a == KeyAlgorithm::from(alg))
         };
@@ -145,7 +145,7 @@ struct Fetched {
 }
 
 /// The process's key set and how it is kept fresh.
-pub struct KeyStore {
+pub(crate) struct KeyStore {
     source: JwksSource,
     client: HttpsClient,
     current: RwLock<Option<Arc<KeySet>>>,
@@ -170,18 +170,10 @@ impl std::fmt::Debug for KeyStore {
 }
 
 impl KeyStore {
-    /// Loads the key set once. A file that cannot be used fails start-up; a
+    /// Loads the key set once — or takes `preloaded`, the file source's set
+    /// as the loader read it. A file that cannot be used fails start-up; a
     /// URL that cannot be fetched does not: requests get 503 until a
     /// refresh succeeds.
-    pub async fn load(
-        config: &AuthConfig,
-        client: HttpsClient,
-    ) -> Result<Arc<KeyStore>, JwksError> {
-        KeyStore::start(config, client, None).await
-    }
-
-    /// As [`KeyStore::load`], with the key set already read from the file
-    /// source when `preloaded` is given.
     pub(crate) async fn start(
         config: &AuthConfig,
         client: HttpsClient,
@@ -217,7 +209,7 @@ impl KeyStore {
     }
 
     /// The current key set, if one was ever loaded.
-    pub fn current(&self) -> Option<Arc<KeySet>> {
+    pub(crate) fn current(&self) -> Option<Arc<KeySet>> {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -235,7 +227,7 @@ impl KeyStore {
     /// a time, and none if the last one started within `min_refetch`, so
     /// random `kid`s cannot flood the identity provider. Returns the key
     /// set to use afterwards.
-    pub async fn refetch(&self) -> Option<Arc<KeySet>> {
+    pub(crate) async fn refetch(&self) -> Option<Arc<KeySet>> {
         let mut last = self.last_refetch.lock().await;
         let now = Instant::now();
         if last.is_some_and(|at| now.duration_since(at) < self.min_refetch) {
@@ -292,7 +284,7 @@ impl KeyStore {
     /// Refreshes forever: when [`Self::next_refresh`] is due while
     /// refreshes succeed, on a doubling retry schedule (from 1 s up to the
     /// refresh period) while none has succeeded or the last one failed.
-    pub async fn keep_fresh(self: Arc<Self>) {
+    pub(crate) async fn keep_fresh(self: Arc<Self>) {
         let mut retry = self.current().is_none().then_some(RETRY_FIRST);
         loop {
             let due = match retry {

@@ -8,7 +8,7 @@
 //! `jku`, `x5u`, `x5c`) are refused; `iss`, `aud`, `exp` are required.
 
 mod claims;
-pub mod jwks;
+pub(crate) mod jwks;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use crate::config::AuthConfig;
 use crate::error::{CredentialProblem, GatewayError};
 use claims::Claims;
-pub use jwks::{JwksError, KeySet, KeyStore};
+pub(crate) use jwks::{JwksError, KeySet, KeyStore};
 
 /// Longest accepted principal or user id.
 const MAX_IDENTITY_LEN: usize = 256;
@@ -68,7 +68,7 @@ pub struct Authenticated {
 
 /// Verifies internal JWTs.
 #[derive(Debug)]
-pub struct Verifier {
+pub(crate) struct Verifier {
     keys: Arc<KeyStore>,
     /// One ready `Validation` per accepted algorithm, built at start-up;
     /// an algorithm not in here is refused.
@@ -82,7 +82,7 @@ pub struct Verifier {
 
 impl Verifier {
     /// Builds a verifier over the process's key store.
-    pub fn new(config: &AuthConfig, keys: Arc<KeyStore>) -> Verifier {
+    pub(crate) fn new(config: &AuthConfig, keys: Arc<KeyStore>) -> Verifier {
         Verifier {
             keys,
             validations: config
@@ -99,7 +99,7 @@ impl Verifier {
     }
 
     /// Authenticates a request from its headers.
-    pub async fn verify(&self, headers: &HeaderMap) -> Result<Authenticated, GatewayError> {
+    pub(crate) async fn verify(&self, headers: &HeaderMap) -> Result<Authenticated, GatewayError> {
         let token = bearer_token(headers, self.max_token_bytes)?;
         let principal = self.verify_token(token).await?;
         Ok(Authenticated {
@@ -109,7 +109,7 @@ impl Verifier {
     }
 
     /// Verifies one compact JWS and derives the principal.
-    pub async fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
+    pub(crate) async fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
         use CredentialProblem as P;
         let invalid = GatewayError::InvalidCredentials;
         let header =
@@ -402,7 +402,10 @@ mod tests {
         async fn verifier_with(&self, edit: impl FnOnce(&mut AuthConfig)) -> Verifier {
             let mut config = self.config();
             edit(&mut config);
-            Verifier::new(&config, KeyStore::load(&config, client()).await.unwrap())
+            Verifier::new(
+                &config,
+                KeyStore::start(&config, client(), None).await.unwrap(),
+            )
         }
 
         /// Signs with the key of `header.alg`'s family.
@@ -814,7 +817,7 @@ mod tests {
             .parse()
             .unwrap();
         let config = auth_config(JwksSource::Url(url));
-        let store = KeyStore::load(&config, client()).await.unwrap();
+        let store = KeyStore::start(&config, client(), None).await.unwrap();
         assert!(store.current().is_none());
         let verifier = Verifier::new(&config, store);
         let result = verifier.verify_token(&keys.sign(&es256(), &claims())).await;

@@ -3,7 +3,7 @@
 //! run side by side, and the drain on shutdown. The accept loop is shared by
 //! the gateway, the emulator and test servers.
 
-pub mod admin;
+pub(crate) mod admin;
 mod stack;
 pub mod tls;
 

@@ -19,11 +19,11 @@ use crate::config::{Grant, Secret};
 use crate::http_client::{self, FetchError, HttpsClient};
 
 /// RFC 8693 §2.1 grant type.
-pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub(crate) const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// RFC 8693 §3 token type of a JWT subject token.
-pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub(crate) const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 /// RFC 8693 §3 token type of the requested access token.
-pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub(crate) const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 /// Largest token response accepted.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -130,7 +130,7 @@ impl TokenEndpoint for HttpTokenEndpoint {
 
 /// Checks a token response strictly: an `access_token` usable as a header
 /// value, a `Bearer` (or RFC 8693 `N_A`) type, and a sane `expires_in`.
-pub fn parse_response(body: &[u8]) -> Result<Issued, EndpointError> {
+pub(crate) fn parse_response(body: &[u8]) -> Result<Issued, EndpointError> {
     let response: TokenResponse = serde_json::from_slice(body)
         .map_err(|_| EndpointError::Garbage("not a JSON token response"))?;
     let token = response

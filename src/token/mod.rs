@@ -2,8 +2,8 @@
 //! the flow. Two sources: a static file (user id → token) and per-user
 //! exchange at a token endpoint, cached with single-flight refresh.
 
-pub mod endpoint;
-pub mod exchange;
+pub(crate) mod endpoint;
+pub(crate) mod exchange;
 
 use std::collections::HashMap;
 use std::fmt;
