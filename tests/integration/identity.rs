@@ -250,6 +250,27 @@ async fn token_endpoint_failures_are_fast_503s_never_401s() {
         assert_eq!(env.get_bearer(&env.token("u-1"), PATH).await.status, 503);
         assert_eq!(env.emulator.exchanges(), exchanges, "{fault:?}");
         assert_eq!(env.emulator.jobs_requests(), 0, "{fault:?}");
+        // The exchange's warning names the request that caused it.
+        let trace_id = reply.header("x-traceid");
+        let log = env.log();
+        let warning = log
+            .lines()
+            .find(|l| l.contains("token exchange failed"))
+            .unwrap_or_else(|| panic!("no warning for {fault:?}:\n{log}"));
+        assert!(
+            warning.contains(&format!("trace_id={trace_id}")),
+            "{warning}"
+        );
+        // And the access line says why the 503 happened.
+        let access = log
+            .lines()
+            .find(|l| l.contains(&format!(" request trace_id={trace_id} ")))
+            .unwrap();
+        assert!(access.contains("side=\"token_endpoint\""), "{access}");
+        assert!(
+            access.contains("cause=\"KooDrive token unavailable: token endpoint"),
+            "{access}"
+        );
     }
 }
 
