@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use koodrive_gateway::config::{Config, TokenConfig, DEFAULT_CONFIG_PATH};
+use koodrive_gateway::config::{Config, FileConfig, TokenConfig, DEFAULT_CONFIG_PATH};
 use koodrive_gateway::emulator::Emulator;
 use koodrive_gateway::server::tls::install_default_providers;
 use koodrive_gateway::token::TokenSource;
@@ -99,8 +99,9 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn load(path: &Path) -> Result<(Config, koodrive_gateway::config::FileConfig)> {
-    Config::load(path).with_context(|| format!("invalid configuration {}", path.display()))
+fn load(path: &Path) -> Result<(Config, FileConfig)> {
+    // The error names the file or variable and the key: no context to add.
+    Ok(Config::load(path)?)
 }
 
 async fn serve(path: &Path) -> Result<()> {
