@@ -367,6 +367,8 @@ mod tests {
     }
 
     #[test]
+    // figment's `Jail` closure returns its own (large) error type.
+    #[allow(clippy::result_large_err)]
     fn a_file_value_names_the_file_and_an_environment_value_its_variable() {
         Jail::expect_with(|jail| {
             jail.create_file("gateway.toml", &testing::add(STATIC, "cache", "ttl_ms = 0"))?;
