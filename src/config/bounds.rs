@@ -26,7 +26,7 @@ const MIB: u64 = 1024 * 1024;
 pub const NUMERIC_KEYS: &[Bound] = &[
     // 0 = close at once; over an hour, a deploy would wait for ever.
     bound("server.shutdown_grace_ms", 0, HOUR_MS),
-    bound("upstream.timeout_ms", 1, 5 * MINUTE_MS),
+    bound("upstream.timeout_ms", 1, 10 * MINUTE_MS),
     bound("upstream.max_response_bytes", 1024, 1024 * MIB),
     bound("auth.leeway_s", 0, 3_600),
     bound("auth.jwks_refresh_s", 1, 86_400),
