@@ -24,6 +24,7 @@ pub(crate) mod trace_id;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -42,27 +43,45 @@ use crate::token::{TokenFileError, TokenSetupError, TokenSource};
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start. Every file is read before the port is
-/// bound, so a bad file never leaves a half-started process.
+/// bound, so a bad file never leaves a half-started process. Each message
+/// names the config key and its file or address.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("development certificates: {0}")]
+    #[error("`server.dev_certs_dir`: {0}")]
     DevCerts(#[from] DevCertError),
-    #[error("auth JWKS: {0}")]
+    #[error("`auth.jwks_file` {path}: {reason}")]
+    JwksFile { path: PathBuf, reason: String },
+    #[error("`auth.jwks_file`: {0}")]
     Jwks(#[from] JwksError),
-    #[error("token.static_tokens_file: {0}")]
+    #[error("`token.static_tokens_file`: {0}")]
     Tokens(#[from] TokenFileError),
     #[error("{0}")]
     TokenSetup(#[from] TokenSetupError),
-    #[error("TLS: {0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("binding {addr}: {source}")]
+    #[error("`{key}` {addr}: cannot bind: {source}")]
     Bind {
+        key: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
     #[error("starting the embedded emulator: {0}")]
     Emulator(#[source] std::io::Error),
+}
+
+impl StartError {
+    /// A JWKS file that could not be loaded, its I/O cause told once.
+    fn jwks_file(path: &Path, error: JwksError) -> StartError {
+        let reason = match error {
+            JwksError::Read { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        StartError::JwksFile {
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
 }
 
 /// A spawned task that ends when its owner drops it.
@@ -94,7 +113,11 @@ impl Files {
             devcerts::ensure(dir)?;
         }
         let keys = match &config.auth.jwks {
-            JwksSource::File(path) => Some(KeySet::from_file(path).await?),
+            JwksSource::File(path) => Some(
+                KeySet::from_file(path)
+                    .await
+                    .map_err(|e| StartError::jwks_file(path, e))?,
+            ),
             JwksSource::Url(_) => None,
         };
         let static_tokens = match &config.token {
@@ -185,14 +208,17 @@ impl Gateway {
             cache,
         );
 
-        let bind = |addr: SocketAddr| async move {
+        let bind = |key: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { addr, source })
+                .map_err(|source| StartError::Bind { key, addr, source })
         };
-        let public = bind(config.server.listen).await?;
+        let public = bind("server.listen", config.server.listen).await?;
         let admin = match config.server.admin_listen {
-            Some(addr) => Some((bind(addr).await?, Readiness { keys: keys.clone() })),
+            Some(addr) => Some((
+                bind("server.admin_listen", addr).await?,
+                Readiness { keys: keys.clone() },
+            )),
             None => None,
         };
         let tasks = if keys.refreshes() {

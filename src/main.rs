@@ -3,10 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use koodrive_gateway::config::{Config, TokenConfig, DEFAULT_CONFIG_PATH};
+use koodrive_gateway::config::{Config, FileConfig, TokenConfig, DEFAULT_CONFIG_PATH};
 use koodrive_gateway::emulator::Emulator;
 use koodrive_gateway::server::tls::install_default_providers;
 use koodrive_gateway::token::TokenSource;
@@ -69,11 +70,11 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     install_default_providers();
-    match cli.command.unwrap_or(Command::Serve) {
+    let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config).await,
         Command::CheckConfig { skip_files } => check_config(&cli.config, skip_files).await,
         Command::Emulator {
@@ -82,7 +83,28 @@ async fn main() -> Result<()> {
             client_id,
         } => emulator(listen, &tokens, &client_id).await,
         Command::DevToken { user, sub, ttl } => dev_token(&cli.config, &user, &sub, ttl),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The error and its causes on one line, each cause once: most messages
+/// here already end with their cause's text.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn init_tracing(json: bool) {
@@ -101,8 +123,9 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn load(path: &Path) -> Result<(Config, koodrive_gateway::config::FileConfig)> {
-    Config::load(path).with_context(|| format!("invalid configuration {}", path.display()))
+fn load(path: &Path) -> Result<(Config, FileConfig)> {
+    // The error names the file or variable and the key: no context to add.
+    Ok(Config::load(path)?)
 }
 
 async fn serve(path: &Path) -> Result<()> {

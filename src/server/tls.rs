@@ -12,11 +12,23 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsFiles;
 
-/// TLS material that could not be loaded.
+/// TLS material that could not be loaded; names the config key and file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    #[error("`{key}` {path}: {reason}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// rustls refused the pair (`with_single_cert` checks that the key
+    /// matches the certificate).
+    #[error("`server.tls_cert` {cert} and `server.tls_key` {key} do not form a pair: {reason}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -33,33 +45,43 @@ pub fn install_default_providers() {
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
 
-fn file_error(path: &Path, reason: impl ToString) -> TlsError {
+fn file_error(key: &'static str, path: &Path, reason: impl ToString) -> TlsError {
     TlsError::File {
+        key,
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
 }
 
-/// Reads every certificate of a PEM file.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Reads every certificate of a PEM file, named by config `key` in errors.
+pub fn read_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+        .map_err(|e| file_error(key, path, e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
+        .map_err(|e| file_error(key, path, e))?;
     if certs.is_empty() {
-        return Err(file_error(path, "no certificate found"));
+        return Err(file_error(key, path, "no certificate found"));
     }
     Ok(certs)
 }
 
 /// The inbound server configuration.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
+    let chain = read_certs("server.tls_cert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| file_error("server.tls_key", &files.key, e))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Pair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: e.to_string(),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -69,8 +91,10 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> 
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
-        for cert in read_certs(path)? {
-            roots.add(cert).map_err(|e| file_error(path, e))?;
+        for cert in read_certs("upstream.ca_file", path)? {
+            roots
+                .add(cert)
+                .map_err(|e| file_error("upstream.ca_file", path, e))?;
         }
     }
     Ok(ClientConfig::builder_with_provider(provider())

@@ -142,7 +142,21 @@ async fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
             "{config}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("[upstream]"));
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(printed.contains("[upstream]"), "{printed}");
+        // Every effective value is printed, defaults included.
+        if config == "config/gateway.toml" {
+            for line in [
+                "leeway_s = 60",
+                "grant = \"token-exchange\"",
+                "max_cached_tokens = 100000",
+                "ttl_jitter_ms = 0",
+                "jwks_refresh_s = 300",
+                "honor_client_no_cache = true",
+            ] {
+                assert!(printed.contains(line), "{line} missing:\n{printed}");
+            }
+        }
     }
     let bad = dir.path().join("config/bad.toml");
     let text = std::fs::read_to_string(dir.path().join("config/gateway.toml")).unwrap();
@@ -184,5 +198,32 @@ async fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
         !out.status.success(),
         "environment override was not applied"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.timeout_ms"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`upstream.timeout_ms` from KOODRIVE_GATEWAY__UPSTREAM__TIMEOUT_MS"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+}
+
+#[tokio::test]
+async fn check_config_skip_files_needs_no_secret_and_writes_nothing() {
+    let dir = workdir();
+    let out = Command::new(BIN)
+        .args(["check-config", "--skip-files"])
+        .env_remove("KOODRIVE_CLIENT_SECRET")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mode = \"exchange\""));
+    assert!(
+        !dir.path().join("certs").exists(),
+        "dev_certs_dir was created by a values-only check"
+    );
 }

@@ -1,13 +1,16 @@
 //! Shutdown: in-flight requests finish, readiness turns false, new
 //! connections are refused.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Version};
 use http_body_util::Full;
+use koodrive_gateway::config::{Bound, NUMERIC_KEYS};
+use koodrive_gateway::devcerts::JWKS;
 use koodrive_gateway::emulator::Fault;
 
-use crate::support::{client, TestEnv};
+use crate::support::{client, JwksServer, Options, TestEnv};
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_reports_not_ready() {
@@ -56,4 +59,70 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_ready() {
         200,
         "the in-flight request finished"
     );
+}
+
+/// Sets every key of the bounds table to the value `pick` chooses.
+fn every_numeric_key(pick: fn(&Bound) -> u64) -> Box<dyn FnOnce(String) -> String> {
+    Box::new(move |text| {
+        let mut table: toml::Table = text.parse().unwrap();
+        for bound in NUMERIC_KEYS {
+            let (section, key) = bound.key.split_once('.').unwrap();
+            let value = i64::try_from(pick(bound)).unwrap();
+            table
+                .get_mut(section)
+                .and_then(toml::Value::as_table_mut)
+                .unwrap()
+                .insert(key.into(), toml::Value::Integer(value));
+        }
+        table.to_string()
+    })
+}
+
+/// A gateway with keys from a JWKS URL (so the refresh task runs), token
+/// exchange and the cache on: every numeric key is in use.
+async fn start_with_every_numeric_key(pick: fn(&Bound) -> u64) -> (TestEnv, Arc<JwksServer>) {
+    let jwks = Arc::new(JwksServer::start(None).await);
+    let serving = jwks.clone();
+    let env = TestEnv::start_with(Options {
+        exchange: true,
+        jwks_url: Some(jwks.url.clone()),
+        before_start: Some(Box::new(move |certs| {
+            serving.set(Some(std::fs::read_to_string(certs.join(JWKS)).unwrap()));
+        })),
+        edit_config: Some(every_numeric_key(pick)),
+        ..Options::default()
+    })
+    .await;
+    (env, jwks)
+}
+
+#[tokio::test]
+async fn every_numeric_key_at_its_upper_bound_serves_and_caches() {
+    let (env, _jwks) = start_with_every_numeric_key(|b| b.max).await;
+    let first = env
+        .get_as("u-1", "/koodrive/ose/v1/jobs?offset=0&limit=1")
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let second = env
+        .get_as("u-1", "/koodrive/ose/v1/jobs?offset=0&limit=1")
+        .await;
+    assert_eq!(second.header("x-cache"), "HIT");
+    assert_eq!(env.admin_status("/readyz").await, 200);
+}
+
+#[tokio::test]
+async fn every_numeric_key_at_its_lower_bound_answers_without_panicking() {
+    // A 1 ms timeout and a 256-byte token limit refuse the request; what
+    // matters is a normalized answer from a gateway that keeps serving.
+    let (env, _jwks) = start_with_every_numeric_key(|b| b.min).await;
+    for _ in 0..2 {
+        let reply = env
+            .get_as("u-1", "/koodrive/ose/v1/jobs?offset=0&limit=1")
+            .await;
+        assert_ne!(reply.status, 500);
+        if reply.status != 200 {
+            reply.error();
+        }
+    }
+    assert_eq!(env.admin_status("/healthz").await, 200);
 }

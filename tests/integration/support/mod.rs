@@ -56,6 +56,9 @@ pub struct Options {
     pub cache: &'static str,
     /// Runs with the dev material directory before the gateway starts.
     pub before_start: Option<Hook>,
+    /// Rewrites the gateway's TOML before it is parsed (keys the other
+    /// knobs do not reach).
+    pub edit_config: Option<Box<dyn FnOnce(String) -> String>>,
 }
 
 impl Default for Options {
@@ -68,6 +71,7 @@ impl Default for Options {
             auth_extra: "",
             cache: "ttl_ms = 0",
             before_start: None,
+            edit_config: None,
         }
     }
 }
@@ -210,6 +214,10 @@ impl TestEnv {
             auth_extra = options.auth_extra,
             cache = options.cache,
         );
+        let toml = match options.edit_config {
+            Some(edit) => edit(toml),
+            None => toml,
+        };
         let config = Config::from_toml(&toml).unwrap();
         let log = LogCapture::default();
         let gateway = Gateway::build_with(&config, &secrets)
