@@ -2,6 +2,7 @@
 //! "List batch tasks" API. [`Gateway::build`] turns a validated
 //! [`config::Config`] into a bound, ready server; [`Gateway::run`] serves it.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 // The public surface is what `main.rs` and the integration tests use: the
 // config, building and running a gateway, the emulator, TLS set-up, dev

@@ -86,7 +86,7 @@ pub(crate) struct Sources<'a> {
 
 impl Sources<'_> {
     /// Where the value of `key` (dotted, as `auth.jwks_refresh_s`) came from.
-    pub fn origin(&self, key: &str) -> Origin {
+    pub(super) fn origin(&self, key: &str) -> Origin {
         let Some(metadata) = self.figment.find_metadata(key) else {
             return Origin::Unset;
         };
@@ -102,7 +102,7 @@ impl Sources<'_> {
     }
 
     /// Fills in the origin of a validation error.
-    pub fn locate(&self, error: ConfigError) -> ConfigError {
+    pub(super) fn locate(&self, error: ConfigError) -> ConfigError {
         match error {
             ConfigError::Invalid {
                 key,
@@ -119,7 +119,7 @@ impl Sources<'_> {
 
     /// Turns a figment (serde) error into one line naming the key.
     /// `prefix` is the path of a focused figment (`token`), if any.
-    pub fn describe(&self, error: figment::Error, prefix: &[&str]) -> ConfigError {
+    pub(super) fn describe(&self, error: figment::Error, prefix: &[&str]) -> ConfigError {
         let mut path: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         path.extend(error.path.iter().cloned());
         // figment puts an unknown field in the path itself, serde's

@@ -208,7 +208,7 @@ pub(crate) mod testing {
     use super::*;
 
     /// A valid configuration with static tokens and only required keys.
-    pub const STATIC: &str = r#"
+    pub(crate) const STATIC: &str = r#"
 [server]
 listen = "127.0.0.1:8443"
 tls_cert = "certs/dev/server.crt"
@@ -225,7 +225,7 @@ static_tokens_file = "config/koodrive-tokens.json"
 "#;
 
     /// The same with the embedded token endpoint.
-    pub const EXCHANGE: &str = r#"
+    pub(crate) const EXCHANGE: &str = r#"
 [server]
 listen = "127.0.0.1:8443"
 tls_cert = "certs/dev/server.crt"
@@ -244,7 +244,7 @@ client_secret_env = "KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"
 "#;
 
     /// `base` with `lines` added to `[section]` (created if absent).
-    pub fn add(base: &str, section: &str, lines: &str) -> String {
+    pub(crate) fn add(base: &str, section: &str, lines: &str) -> String {
         let header = format!("[{section}]\n");
         if base.contains(&header) {
             base.replace(&header, &format!("{header}{lines}\n"))
@@ -253,22 +253,22 @@ client_secret_env = "KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"
         }
     }
 
-    pub fn static_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn static_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
         Config::from_toml(&add(STATIC, section, lines))
     }
 
-    pub fn exchange_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn exchange_with(section: &str, lines: &str) -> Result<Config, ConfigError> {
         Config::from_toml(&add(EXCHANGE, section, lines))
     }
 
     /// The file as `check-config` would print it.
-    pub fn effective(text: &str) -> String {
+    pub(crate) fn effective(text: &str) -> String {
         let (_, file) = Config::from_figment(&Figment::from(Toml::string(text)), None).unwrap();
         toml::to_string_pretty(&file).unwrap()
     }
 
     /// Every integer key of the exchange fixture with defaults filled in.
-    pub fn numeric_keys_of() -> Vec<String> {
+    pub(crate) fn numeric_keys_of() -> Vec<String> {
         let printed: toml::Table = effective(EXCHANGE).parse().unwrap();
         let mut keys = Vec::new();
         for (section, table) in printed {
