@@ -136,6 +136,16 @@ impl KeySet {
     }
 }
 
+/// The time between background refreshes: `refresh`, shortened to three
+/// quarters of the JWKS URL's `max-age` but not below 10 s. `max-age` comes
+/// from the network, so any value must be safe (divide before multiplying).
+fn refresh_period(refresh: Duration, max_age: Option<Duration>) -> Duration {
+    match max_age {
+        Some(max_age) => refresh.min(max_age / 4 * 3).max(MIN_REFRESH),
+        None => refresh,
+    }
+}
+
 /// When the key set was last loaded and how long its source said it stays
 /// valid.
 #[derive(Clone, Copy, Debug)]
@@ -249,11 +259,7 @@ impl KeyStore {
     /// but never less than 10 s after it.
     fn next_refresh(&self) -> Instant {
         let fetched = *self.fetched.lock().unwrap_or_else(|p| p.into_inner());
-        let period = match fetched.max_age {
-            Some(max_age) => self.refresh.min(max_age * 3 / 4).max(MIN_REFRESH),
-            None => self.refresh,
-        };
-        fetched.at + period
+        fetched.at + refresh_period(self.refresh, fetched.max_age)
     }
 
     /// How long until the key set may next be loaded: the background
@@ -505,6 +511,21 @@ mod tests {
         assert_eq!(found(&set, Some("unspecified"), Algorithm::ES256), Some(0));
         assert_eq!(found(&set, Some("sig"), Algorithm::ES256), Some(1));
         assert!(matches!(parse(vec![enc]), Err(JwksError::Empty)));
+    }
+
+    #[test]
+    fn any_max_age_gives_a_refresh_period_between_10_s_and_the_configured_one() {
+        let refresh = Duration::from_secs(300);
+        assert_eq!(refresh_period(refresh, None), refresh);
+        assert_eq!(
+            refresh_period(refresh, Some(Duration::from_secs(120))),
+            Duration::from_secs(90)
+        );
+        assert_eq!(refresh_period(refresh, Some(Duration::ZERO)), MIN_REFRESH);
+        assert_eq!(
+            refresh_period(refresh, Some(Duration::from_secs(u64::MAX))),
+            refresh
+        );
     }
 
     #[test]
