@@ -14,6 +14,16 @@ use crate::trace_id::TraceId;
 
 /// Longest query text kept in a record (client-supplied, so bounded).
 pub(crate) const MAX_QUERY_CHARS: usize = 1024;
+/// Longest path kept in a record.
+const MAX_PATH_CHARS: usize = 1024;
+
+/// Client-supplied text made safe for a log line or an audit record:
+/// control characters, line and paragraph separators (U+2028/2029), quotes
+/// and backslashes escaped Rust-style (`\n`, `\u{2028}`), at most `max`
+/// characters of the result. Nobody can split or forge a line with it.
+pub(crate) fn escaped(text: &str, max: usize) -> String {
+    text.escape_debug().take(max).collect()
+}
 
 /// What the gateway did with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,8 +108,8 @@ impl RequestRecord {
             started: Instant::now(),
             client,
             method: method.clone(),
-            path: path.to_owned(),
-            query: query.map(|q| QueryText::Raw(q.chars().take(MAX_QUERY_CHARS).collect())),
+            path: escaped(path, MAX_PATH_CHARS),
+            query: query.map(|q| QueryText::Raw(escaped(q, MAX_QUERY_CHARS))),
             principal: None,
             user_id: None,
             cache: None,
@@ -155,8 +165,7 @@ fn millis(duration: Duration) -> f64 {
 
 impl Finished {
     /// Writes the access-log line: one per request, at info level, flat
-    /// fields. Client-supplied text (path, query) is written with `?` so
-    /// that control characters are escaped and cannot split the line.
+    /// fields (client-supplied text was escaped when the record opened).
     /// For a 5xx the error's causes are included.
     pub(crate) fn log(&self) {
         let r = &self.record;
@@ -170,8 +179,8 @@ impl Finished {
             trace_id = %r.trace_id.as_str(),
             client = r.client.map(tracing::field::display),
             method = %r.method,
-            path = ?r.path,
-            query = r.query.as_ref().map(|q| tracing::field::debug(q.as_str())),
+            path = %r.path,
+            query = r.query.as_ref().map(QueryText::as_str),
             principal = r.principal.as_deref(),
             user_id = r.user_id.as_deref(),
             decision = self.decision.as_str(),
@@ -249,6 +258,21 @@ mod tests {
                 latency: Duration::from_millis(7),
             })
         );
+    }
+
+    #[test]
+    fn client_text_cannot_split_a_line() {
+        let r = RequestRecord::open(
+            TraceId::generate(),
+            None,
+            &Method::GET,
+            "/a\u{2028}b",
+            Some("x=1\r\nforged=2\u{2029}\"q\"\u{7}"),
+        );
+        assert_eq!(r.path, "/a\\u{2028}b");
+        let query = r.query.unwrap();
+        assert_eq!(query.as_str(), "x=1\\r\\nforged=2\\u{2029}\\\"q\\\"\\u{7}");
+        assert!(!query.as_str().chars().any(|c| c.is_control()));
     }
 
     #[test]
