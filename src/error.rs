@@ -28,6 +28,8 @@ pub enum Side {
     IdentityProvider,
     /// The token endpoint gave no KooDrive token.
     TokenEndpoint,
+    /// Redis, where the shared rate-limit budgets live, could not be asked.
+    RateLimitBackend,
     /// KooDrive, or the way to it.
     Upstream,
 }
@@ -40,6 +42,7 @@ impl Side {
             Side::Gateway => "gateway",
             Side::IdentityProvider => "identity_provider",
             Side::TokenEndpoint => "token_endpoint",
+            Side::RateLimitBackend => "rate_limit_backend",
             Side::Upstream => "upstream",
         }
     }
@@ -81,6 +84,14 @@ pub enum GatewayError {
     /// their user id.
     #[error("no KooDrive credentials for this user")]
     UserNotProvisioned,
+    /// The caller spent its budget (`[rate_limit]`).
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+
+    // ---- the rate-limit backend ----
+    /// Redis could not be asked and `on_backend_error = "deny"`.
+    #[error("rate-limit backend unavailable")]
+    RateLimitUnavailable { retry_after: Duration },
 
     // ---- the identity provider ----
     /// No verification key set could be loaded (the JWKS URL has been
@@ -126,6 +137,14 @@ pub enum GatewayError {
     /// code and message are kept.
     #[error("upstream failed: {code}: {msg}")]
     UpstreamFailed { code: String, msg: String },
+    /// Every upstream slot (`upstream.max_concurrency`) stayed taken for
+    /// `upstream.queue_timeout_ms`: the request is shed, not queued further.
+    #[error("upstream overloaded: no slot within the queue timeout")]
+    UpstreamOverloaded { retry_after: Duration },
+    /// KooDrive asked for a pause (429 or 503 with `Retry-After`); no
+    /// request is sent until it ends.
+    #[error("upstream asked to pause (status {status})")]
+    UpstreamPaused { status: u16, retry_after: Duration },
 
     // ---- the gateway itself (500) ----
     /// A bug or an unexpected local failure.
@@ -288,6 +307,18 @@ impl GatewayError {
                 "user_not_provisioned",
                 "no KooDrive credentials are configured for this user".into(),
             ),
+            E::RateLimited { .. } => (
+                Client,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests for this caller; retry after the delay in Retry-After".into(),
+            ),
+            E::RateLimitUnavailable { .. } => (
+                RateLimitBackend,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rate_limit_unavailable",
+                "the gateway cannot check the rate limit right now; try again shortly".into(),
+            ),
             E::KeysUnavailable { .. } => (
                 IdentityProvider,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -343,6 +374,18 @@ impl GatewayError {
                 code.as_str(),
                 msg.clone(),
             ),
+            E::UpstreamOverloaded { .. } => (
+                Upstream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_overloaded",
+                "too many requests to KooDrive are in flight; try again shortly".into(),
+            ),
+            E::UpstreamPaused { .. } => (
+                Upstream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_paused",
+                "KooDrive asked the gateway to slow down; try again after Retry-After".into(),
+            ),
             E::Internal(_) => (
                 Gateway,
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -386,7 +429,12 @@ impl GatewayError {
                 );
             }
             // RFC 9110 §10.2.3: when to try again.
-            E::KeysUnavailable { retry_after } | E::TokenUnavailable { retry_after, .. } => {
+            E::KeysUnavailable { retry_after }
+            | E::TokenUnavailable { retry_after, .. }
+            | E::RateLimited { retry_after }
+            | E::RateLimitUnavailable { retry_after }
+            | E::UpstreamOverloaded { retry_after }
+            | E::UpstreamPaused { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
             }
             E::NotFound
@@ -416,6 +464,8 @@ impl GatewayError {
                 | GatewayError::UpstreamConnectionLost(_)
                 | GatewayError::UpstreamBadResponse(_)
                 | GatewayError::UpstreamFailed { .. }
+                | GatewayError::UpstreamPaused { .. }
+                | GatewayError::UpstreamOverloaded { .. }
         )
     }
 
@@ -513,6 +563,39 @@ mod tests {
             ),
             (E::UserNotProvisioned, Client, 403, "user_not_provisioned"),
             (
+                E::RateLimited {
+                    retry_after: Duration::from_millis(100),
+                },
+                Client,
+                429,
+                "rate_limited",
+            ),
+            (
+                E::RateLimitUnavailable {
+                    retry_after: Duration::from_millis(250),
+                },
+                RateLimitBackend,
+                503,
+                "rate_limit_unavailable",
+            ),
+            (
+                E::UpstreamOverloaded {
+                    retry_after: Duration::from_secs(1),
+                },
+                Upstream,
+                503,
+                "upstream_overloaded",
+            ),
+            (
+                E::UpstreamPaused {
+                    status: 429,
+                    retry_after: Duration::from_secs(2),
+                },
+                Upstream,
+                503,
+                "upstream_paused",
+            ),
+            (
                 E::KeysUnavailable {
                     retry_after: Duration::from_secs(3),
                 },
@@ -608,6 +691,10 @@ mod tests {
             E::UpstreamCredentialsRejected { .. } => 16,
             E::UpstreamFailed { .. } => 17,
             E::Internal(_) => 18,
+            E::RateLimited { .. } => 19,
+            E::RateLimitUnavailable { .. } => 20,
+            E::UpstreamOverloaded { .. } => 21,
+            E::UpstreamPaused { .. } => 22,
         }
     }
 
@@ -616,7 +703,7 @@ mod tests {
         let rows = every_variant();
         let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..=18).collect::<Vec<_>>(), "one row per variant");
+        assert_eq!(seen, (0..=22).collect::<Vec<_>>(), "one row per variant");
         for (error, side, status, code) in rows {
             let rendered = error.render();
             assert_eq!(rendered.side, side, "{error:?}");
@@ -625,8 +712,8 @@ mod tests {
             assert!(!rendered.msg.is_empty(), "{error:?}");
             let response = error.response(&TraceId::generate());
             assert_eq!(response.status().as_u16(), status, "{error:?}");
-            // Every 503 says when to come back.
-            if status == 503 {
+            // Every 503 and 429 says when to come back.
+            if status == 503 || status == 429 {
                 assert!(response.headers().contains_key(RETRY_AFTER), "{error:?}");
             }
         }

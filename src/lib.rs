@@ -18,6 +18,7 @@ pub(crate) mod http_client;
 pub(crate) mod jobs;
 pub(crate) mod language;
 pub(crate) mod pipeline;
+pub(crate) mod rate_limit;
 pub(crate) mod record;
 pub mod server;
 pub mod token;
@@ -37,6 +38,7 @@ use crate::config::{Config, JwksSource, Secrets, TokenConfig, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::pipeline::Pipeline;
+use crate::rate_limit::RateLimiter;
 use crate::server::admin::Readiness;
 use crate::server::tls::{self, TlsError};
 use crate::server::Listeners;
@@ -69,6 +71,8 @@ pub enum StartError {
     },
     #[error("starting the embedded emulator: {0}")]
     Emulator(#[source] std::io::Error),
+    #[error("`rate_limit.redis_url`: {0}")]
+    RateLimit(String),
 }
 
 impl StartError {
@@ -202,8 +206,15 @@ impl Gateway {
             .cache
             .as_ref()
             .map(|c| Arc::new(ResponseCache::new(c)));
+        let limiter = config
+            .rate_limit
+            .as_ref()
+            .map(RateLimiter::new)
+            .transpose()
+            .map_err(|e| StartError::RateLimit(e.to_string()))?;
         let pipeline = Pipeline::new(
             Verifier::new(&config.auth, keys.clone()),
+            limiter.clone(),
             tokens,
             upstream,
             cache,
@@ -222,13 +233,15 @@ impl Gateway {
             )),
             None => None,
         };
-        let tasks = if keys.refreshes() {
-            vec![BackgroundTask(tokio::spawn(
-                keys.keep_fresh().with_current_subscriber(),
-            ))]
-        } else {
-            Vec::new()
-        };
+        let mut tasks = Vec::new();
+        if keys.refreshes() {
+            let refresh = keys.keep_fresh().with_current_subscriber();
+            tasks.push(BackgroundTask(tokio::spawn(refresh)));
+        }
+        if let Some(limiter) = limiter {
+            let forget = limiter.forget_idle().with_current_subscriber();
+            tasks.push(BackgroundTask(tokio::spawn(forget)));
+        }
         Ok(Gateway {
             listeners: Listeners {
                 public,

@@ -21,6 +21,7 @@ use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Serv
 use crate::error::{GatewayError, InternalError};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
+use crate::rate_limit::RateLimiter;
 use crate::record::{QueryText, RequestRecord};
 use crate::server::ClientAddr;
 use crate::token::TokenSource;
@@ -31,6 +32,7 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 #[derive(Debug)]
 pub(crate) struct Pipeline {
     verifier: Verifier,
+    limiter: Option<Arc<RateLimiter>>,
     tokens: TokenSource,
     upstream: Upstream,
     cache: Option<Arc<ResponseCache>>,
@@ -40,12 +42,14 @@ impl Pipeline {
     /// The pipeline over its components.
     pub(crate) fn new(
         verifier: Verifier,
+        limiter: Option<Arc<RateLimiter>>,
         tokens: TokenSource,
         upstream: Upstream,
         cache: Option<Arc<ResponseCache>>,
     ) -> Pipeline {
         Pipeline {
             verifier,
+            limiter,
             tokens,
             upstream,
             cache,
@@ -84,9 +88,12 @@ impl Pipeline {
             Ok(response) => (response, None),
             Err(error) => (error.response(&trace_id), Some(error)),
         };
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
+        let headers = response.headers_mut();
+        headers.insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
+        // Whatever the answer, a caller whose budget was looked at learns it.
+        if let Some(limits) = &record.limits {
+            limits.stamp(headers);
+        }
         record.finish(response.status(), error).log();
         response
     }
@@ -103,6 +110,16 @@ impl Pipeline {
         let caller = self.verifier.verify(request.headers()).await?;
         record.principal = Some(caller.principal.subject.clone());
         record.user_id = Some(caller.principal.user_id.clone());
+        // Rate limit right after authentication, before validation and the
+        // cache: a bad query and a cache hit both spend budget.
+        if let Some(limiter) = &self.limiter {
+            let decision = limiter.check(&caller.principal.subject).await;
+            record.rate_limit = Some(decision.outcome);
+            record.limits = decision.limits;
+            if let Some(refusal) = decision.refusal {
+                return Err(refusal);
+            }
+        }
         let query = JobsQuery::parse(request.uri().query())?;
         record.query = Some(QueryText::Canonical(query.canonical()));
         let language = Language::from_headers(request.headers())?;
@@ -282,6 +299,7 @@ pub(crate) mod tests {
         );
         Pipeline::new(
             Verifier::new(&auth, store),
+            None,
             TokenSource::Static(Default::default()),
             upstream,
             None,

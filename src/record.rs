@@ -10,6 +10,7 @@ use http::{Method, StatusCode};
 
 use crate::cache::CacheStatus;
 use crate::error::{GatewayError, Side};
+use crate::rate_limit::{self, Limits};
 use crate::trace_id::TraceId;
 
 /// Longest query text kept in a record (client-supplied, so bounded).
@@ -30,6 +31,8 @@ pub(crate) fn escaped(text: &str, max: usize) -> String {
 pub(crate) enum Decision {
     /// Refused before KooDrive was asked (route, credentials, schema, token).
     Rejected,
+    /// Refused for the caller's rate limit (429).
+    RateLimited,
     /// KooDrive was asked — by this request or by the one whose answer it
     /// shared — whatever KooDrive then answered (the cache may say BYPASS).
     Forwarded,
@@ -44,6 +47,7 @@ impl Decision {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Decision::Rejected => "rejected",
+            Decision::RateLimited => "rate_limited",
             Decision::Forwarded => "forwarded",
             Decision::CacheHit => "cache_hit",
             Decision::Stale => "stale",
@@ -92,6 +96,10 @@ pub(crate) struct RequestRecord {
     pub user_id: Option<String>,
     pub cache: Option<CacheStatus>,
     pub upstream: Option<UpstreamCall>,
+    /// How the rate limiter decided, when one is configured.
+    pub rate_limit: Option<rate_limit::Outcome>,
+    /// The caller's budget after this request, for the response headers.
+    pub limits: Option<Limits>,
 }
 
 impl RequestRecord {
@@ -114,6 +122,8 @@ impl RequestRecord {
             user_id: None,
             cache: None,
             upstream: None,
+            rate_limit: None,
+            limits: None,
         }
     }
 
@@ -134,6 +144,7 @@ impl RequestRecord {
             (None, Some(CacheStatus::Hit)) => Decision::CacheHit,
             (None, Some(CacheStatus::Stale)) => Decision::Stale,
             (None, _) => Decision::Forwarded,
+            (Some(GatewayError::RateLimited { .. }), _) => Decision::RateLimited,
             (Some(error), _) if error.side() == Side::Upstream => Decision::Forwarded,
             (Some(_), _) => Decision::Rejected,
         };
@@ -184,6 +195,7 @@ impl Finished {
             principal = r.principal.as_deref(),
             user_id = r.user_id.as_deref(),
             decision = self.decision.as_str(),
+            rate_limit = r.rate_limit.map(rate_limit::Outcome::as_str),
             cache = r.cache.map(CacheStatus::as_str),
             upstream_status = r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
             upstream_ms = r.upstream.map(|u| millis(u.latency)),

@@ -28,6 +28,9 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     bound("server.shutdown_grace_ms", 0, HOUR_MS),
     bound("upstream.timeout_ms", 1, 10 * MINUTE_MS),
     bound("upstream.max_response_bytes", 1024, 1024 * MIB),
+    bound("upstream.max_concurrency", 1, 100_000),
+    // 0 = shed at once when every slot is taken.
+    bound("upstream.queue_timeout_ms", 0, MINUTE_MS),
     bound("auth.leeway_s", 0, 3_600),
     bound("auth.jwks_refresh_s", 1, 86_400),
     // 0 = no throttle (single flight still applies).
@@ -41,6 +44,9 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     bound("cache.ttl_jitter_ms", 0, HOUR_MS),
     bound("cache.max_bytes", 1024, 16 * 1024 * MIB),
     bound("cache.stale_if_error_ms", 0, DAY_MS),
+    bound("rate_limit.requests_per_second", 1, 1_000_000),
+    bound("rate_limit.burst", 1, 1_000_000),
+    bound("rate_limit.redis_timeout_ms", 1, 10_000),
 ];
 
 const fn bound(key: &'static str, min: u64, max: u64) -> Bound {

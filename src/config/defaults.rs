@@ -12,6 +12,16 @@ pub(super) fn upstream_timeout_ms() -> u64 {
 pub(super) fn max_response_bytes() -> u64 {
     8 * 1024 * 1024
 }
+pub(super) fn max_concurrency() -> u64 {
+    256
+}
+pub(super) fn queue_timeout_ms() -> u64 {
+    1_000
+}
+
+pub(super) fn redis_timeout_ms() -> u64 {
+    50
+}
 
 pub(super) fn principal_claim() -> String {
     "sub".into()

@@ -8,6 +8,7 @@ mod bounds;
 mod cache;
 mod defaults;
 mod error;
+mod rate_limit;
 mod server;
 mod token;
 mod upstream;
@@ -24,6 +25,9 @@ pub use auth::{AuthConfig, FileAuth, JwksSource};
 pub use bounds::{Bound, NUMERIC_KEYS};
 pub use cache::{CacheConfig, FileCache};
 pub use error::{ConfigError, Origin};
+pub use rate_limit::{
+    FileQuota, FileRateLimit, OnBackendError, Quota, RateLimitConfig, SharedLimit,
+};
 pub use server::{FileServer, ServerConfig, TlsFiles};
 pub use token::{
     ExchangeConfig, FileExchangeToken, FileStaticToken, FileToken, Grant, TokenConfig,
@@ -49,8 +53,8 @@ pub struct FileConfig {
     pub token: FileToken,
     #[serde(default)]
     pub cache: FileCache,
-    #[serde(default, skip_serializing)]
-    rate_limit: Option<IgnoredAny>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<FileRateLimit>,
     #[serde(default, skip_serializing)]
     audit: Option<IgnoredAny>,
 }
@@ -64,6 +68,8 @@ pub struct Config {
     pub token: TokenConfig,
     /// `None` when `cache.ttl_ms = 0`.
     pub cache: Option<CacheConfig>,
+    /// `None` when the section is absent: no limit.
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// A secret value whose `Debug` never shows it.
@@ -158,13 +164,11 @@ impl Config {
     }
 
     fn validate(file: &FileConfig) -> Result<Config, ConfigError> {
-        for (present, key) in [
-            (file.rate_limit.is_some(), "rate_limit"),
-            (file.audit.is_some(), "audit"),
-        ] {
-            if present {
-                return Err(invalid(key, "not supported yet by this version; remove it"));
-            }
+        if file.audit.is_some() {
+            return Err(invalid(
+                "audit",
+                "not supported yet by this version; remove it",
+            ));
         }
         let upstream = file.upstream.validate()?;
         Ok(Config {
@@ -172,6 +176,11 @@ impl Config {
             auth: file.auth.validate()?,
             token: file.token.validate(&upstream.target)?,
             cache: file.cache.validate()?,
+            rate_limit: file
+                .rate_limit
+                .as_ref()
+                .map(FileRateLimit::validate)
+                .transpose()?,
             upstream,
         })
     }
@@ -241,16 +250,34 @@ mode = "exchange"
 token_url = "embedded"
 client_id = "gw"
 client_secret_env = "KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"
+[rate_limit]
+requests_per_second = 10
+burst = 20
+redis_url = "redis://127.0.0.1:6379"
 "#;
 
-    /// `base` with `lines` added to `[section]` (created if absent).
+    /// `base` with `lines` set in `[section]` (created if absent; a key
+    /// already there takes the new value).
     pub(crate) fn add(base: &str, section: &str, lines: &str) -> String {
         let header = format!("[{section}]\n");
-        if base.contains(&header) {
-            base.replace(&header, &format!("{header}{lines}\n"))
-        } else {
-            format!("{base}{header}{lines}\n")
+        let Ok(mut table) = base.parse::<toml::Table>() else {
+            return format!("{base}{header}{lines}\n");
+        };
+        let Ok(added) = format!("{header}{lines}\n").parse::<toml::Table>() else {
+            // Not TOML on its own (a test of bad syntax): append as text.
+            return base.replace(&header, &format!("{header}{lines}\n"));
+        };
+        for (name, value) in added {
+            match (table.get_mut(&name), value) {
+                (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => {
+                    existing.extend(new)
+                }
+                (_, value) => {
+                    table.insert(name, value);
+                }
+            }
         }
+        toml::to_string(&table).unwrap()
     }
 
     pub(crate) fn static_with(section: &str, lines: &str) -> Result<Config, ConfigError> {

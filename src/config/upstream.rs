@@ -18,6 +18,12 @@ pub struct FileUpstream {
     pub timeout_ms: u64,
     #[serde(default = "defaults::max_response_bytes")]
     pub max_response_bytes: u64,
+    /// Upstream requests in flight, all callers together.
+    #[serde(default = "defaults::max_concurrency")]
+    pub max_concurrency: u64,
+    /// How long a request may wait for one of those slots.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
 }
 
 /// The KooDrive upstream.
@@ -28,6 +34,8 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    pub max_concurrency: usize,
+    pub queue_timeout: Duration,
 }
 
 /// Where requests are forwarded.
@@ -58,6 +66,8 @@ impl FileUpstream {
                 "upstream.max_response_bytes",
                 self.max_response_bytes,
             )?,
+            max_concurrency: bounds::size("upstream.max_concurrency", self.max_concurrency)?,
+            queue_timeout: bounds::millis("upstream.queue_timeout_ms", self.queue_timeout_ms)?,
         })
     }
 }

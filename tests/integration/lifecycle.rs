@@ -68,9 +68,11 @@ fn every_numeric_key(pick: fn(&Bound) -> u64) -> Box<dyn FnOnce(String) -> Strin
         for bound in NUMERIC_KEYS {
             let (section, key) = bound.key.split_once('.').unwrap();
             let value = i64::try_from(pick(bound)).unwrap();
+            // Optional sections (`[rate_limit]`) are added.
             table
-                .get_mut(section)
-                .and_then(toml::Value::as_table_mut)
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
                 .unwrap()
                 .insert(key.into(), toml::Value::Integer(value));
         }
