@@ -9,5 +9,6 @@ mod faults;
 mod forwarding;
 mod identity;
 mod lifecycle;
+mod rate_limit;
 mod support;
 mod validation;

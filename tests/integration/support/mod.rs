@@ -59,6 +59,10 @@ pub struct Options {
     /// Rewrites the gateway's TOML before it is parsed (keys the other
     /// knobs do not reach).
     pub edit_config: Option<Box<dyn FnOnce(String) -> String>>,
+    /// Extra lines for the `[upstream]` section.
+    pub upstream_extra: String,
+    /// Extra sections (e.g. `[rate_limit]`) appended to the file.
+    pub sections: String,
 }
 
 impl Default for Options {
@@ -72,6 +76,8 @@ impl Default for Options {
             cache: "ttl_ms = 0",
             before_start: None,
             edit_config: None,
+            upstream_extra: String::new(),
+            sections: String::new(),
         }
     }
 }
@@ -199,6 +205,7 @@ impl TestEnv {
             base_url = "{upstream}"
             ca_file = "{certs}/ca.crt"
             timeout_ms = {timeout}
+            {upstream_extra}
             [auth]
             issuer = "{ISSUER}"
             audience = "{AUDIENCE}"
@@ -208,7 +215,10 @@ impl TestEnv {
             {token}
             [cache]
             {cache}
+            {sections}
             "#,
+            upstream_extra = options.upstream_extra,
+            sections = options.sections,
             certs = certs.display(),
             timeout = options.timeout_ms,
             auth_extra = options.auth_extra,
