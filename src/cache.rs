@@ -213,6 +213,9 @@ impl ResponseCache {
             return Ok(served(entry, CacheStatus::Hit, now));
         }
         let stale = existing.as_ref().filter(|e| now < e.stale_until).cloned();
+        // Kept to put a stale entry back if the load fails (the miss path
+        // removes the expired entry so that the load runs).
+        let stale_key = stale.as_ref().map(|_| key.clone());
 
         let outcome = if bypass {
             self.counters.bypasses.fetch_add(1, Ordering::Relaxed);
@@ -243,10 +246,27 @@ impl ResponseCache {
             (Err(error), Some(entry)) if error.is_upstream_failure() => {
                 self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cause = %error, "serving a stale entry");
+                if let Some(key) = stale_key {
+                    self.restore(key, entry.clone()).await;
+                }
                 Ok(served(&entry, CacheStatus::Stale, Instant::now()))
             }
             (Err(error), _) => Err(error),
         }
+    }
+
+    /// Puts an expired entry back for later stale serves, unless a newer
+    /// one arrived meanwhile.
+    async fn restore(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.entries
+            .entry(key)
+            .and_compute_with(|current| async move {
+                match current {
+                    None => Op::Put(entry),
+                    Some(_) => Op::Nop,
+                }
+            })
+            .await;
     }
 
     /// One upstream call for all concurrent misses of `key`.
@@ -428,6 +448,18 @@ mod tests {
             (CacheStatus::Stale, &b"A1"[..])
         );
         assert_eq!(stale.age, Some(Duration::from_secs(5)));
+        // Failing again within the window serves the same entry again.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let again = cache
+            .serve(key("a"), false, || async {
+                Err(GatewayError::UpstreamTimeout)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.status, again.age),
+            (CacheStatus::Stale, Some(Duration::from_secs(6)))
+        );
         // A client error is never covered by a stale entry.
         let rejected = cache
             .serve(key("a"), false, || async {
@@ -438,7 +470,7 @@ mod tests {
             })
             .await;
         assert!(rejected.is_err());
-        tokio::time::advance(Duration::from_secs(7)).await;
+        tokio::time::advance(Duration::from_secs(6)).await;
         let late = cache
             .serve(key("a"), false, || async {
                 Err(GatewayError::UpstreamTimeout)

@@ -196,12 +196,7 @@ impl Gateway {
             &client,
             emulator.as_ref(),
         )?;
-        let upstream = Upstream::new(
-            &base,
-            client,
-            config.upstream.timeout,
-            config.upstream.max_response_bytes,
-        );
+        let upstream = Upstream::new(&base, client, &config.upstream);
         let cache = config
             .cache
             .as_ref()

@@ -4,7 +4,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -193,9 +192,10 @@ impl Pipeline {
         forward: &Forward<'_>,
         record: &mut RequestRecord,
     ) -> Result<UpstreamReply, GatewayError> {
-        let sent = Instant::now();
         let attempt = self.upstream.fetch_jobs(forward).await;
-        record.upstream_called(attempt.status, sent.elapsed());
+        if let Some(latency) = attempt.latency {
+            record.upstream_called(attempt.status, latency);
+        }
         attempt.result
     }
 }
@@ -294,8 +294,7 @@ pub(crate) mod tests {
         let upstream = Upstream::new(
             &"http://127.0.0.1:1".parse().unwrap(),
             client,
-            Duration::from_secs(1),
-            1024,
+            &crate::upstream::tests::config(),
         );
         Pipeline::new(
             Verifier::new(&auth, store),

@@ -6,7 +6,13 @@
 //! Because both directions are built from allow-lists, hop-by-hop headers
 //! (RFC 9110 §7.6.1: `Connection` and the fields it names, `Keep-Alive`,
 //! `TE`, `Transfer-Encoding`, `Upgrade`, `Proxy-*`) never cross the gateway.
+//!
+//! KooDrive is protected from the gateway's own callers: at most
+//! `upstream.max_concurrency` requests are in flight, a request that cannot
+//! get a slot within `upstream.queue_timeout_ms` is shed (503), and a 429 or
+//! 503 with `Retry-After` pauses forwarding for that long.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,8 +22,11 @@ use http_body_util::Full;
 use serde::Deserialize;
 use time::macros::format_description;
 use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::cache_control;
+use crate::config::UpstreamConfig;
 use crate::error::{BadResponse, GatewayError, InternalError};
 use crate::http_client::{self, FetchError, HttpsClient};
 use crate::jobs::{JobsQuery, JOBS_PATH};
@@ -31,6 +40,11 @@ pub(crate) const X_USER_ID: &str = "x-user-id";
 pub(crate) const X_DATE: &str = "x-date";
 /// Longest upstream error message passed on to the client.
 const MAX_MSG_CHARS: usize = 512;
+/// Longest pause a `Retry-After` from KooDrive can impose: beyond it, the
+/// gateway tries again anyway (a typo upstream must not stop it for a day).
+const MAX_PAUSE: Duration = Duration::from_secs(300);
+/// `Retry-After` sent with `upstream_overloaded`: slots free up quickly.
+const OVERLOADED_RETRY: Duration = Duration::from_secs(1);
 
 /// Everything the upstream request is built from.
 #[derive(Debug)]
@@ -49,16 +63,17 @@ pub(crate) struct Upstream {
     jobs_url: String,
     timeout: Duration,
     max_body: usize,
+    /// One permit per request in flight to KooDrive.
+    slots: Arc<Semaphore>,
+    queue_timeout: Duration,
+    /// No request is sent before this (KooDrive's `Retry-After`), and the
+    /// status that asked for it.
+    paused: Arc<Mutex<Option<(Instant, StatusCode)>>>,
 }
 
 impl Upstream {
     /// A client for `base` (scheme, authority and optional path prefix).
-    pub(crate) fn new(
-        base: &Uri,
-        client: HttpsClient,
-        timeout: Duration,
-        max_body: usize,
-    ) -> Upstream {
+    pub(crate) fn new(base: &Uri, client: HttpsClient, config: &UpstreamConfig) -> Upstream {
         let prefix = base.path().trim_end_matches('/');
         let jobs_url = format!(
             "{}://{}{prefix}{JOBS_PATH}",
@@ -68,22 +83,73 @@ impl Upstream {
         Upstream {
             client,
             jobs_url,
-            timeout,
-            max_body,
+            timeout: config.timeout,
+            max_body: config.max_response_bytes,
+            slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            queue_timeout: config.queue_timeout,
+            paused: Arc::default(),
+        }
+    }
+
+    /// The pause KooDrive asked for, while it lasts.
+    fn pause(&self) -> Option<GatewayError> {
+        let paused = *self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let (until, status) = paused?;
+        let now = Instant::now();
+        (now < until).then(|| GatewayError::UpstreamPaused {
+            status: status.as_u16(),
+            retry_after: until - now,
+        })
+    }
+
+    /// Starts (or extends) a pause of `delay` asked for with `status`.
+    fn pause_for(&self, status: StatusCode, delay: Duration) -> GatewayError {
+        let delay = delay.min(MAX_PAUSE);
+        let until = Instant::now() + delay;
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if paused.is_none_or(|(current, _)| current < until) {
+            *paused = Some((until, status));
+        }
+        tracing::warn!(
+            status = status.as_u16(),
+            pause_ms = delay.as_millis() as u64,
+            "KooDrive asked to pause; forwarding stops until then"
+        );
+        GatewayError::UpstreamPaused {
+            status: status.as_u16(),
+            retry_after: delay,
         }
     }
 
     /// Sends one jobs request and returns KooDrive's success body verbatim,
-    /// with KooDrive's status whatever it was. `X-Date` is stamped here, so
-    /// every call (a retry too) gets a fresh one.
+    /// with KooDrive's status whatever it was — unless KooDrive asked for a
+    /// pause, or no slot frees up within the queue timeout. `X-Date` is
+    /// stamped after the wait, so every call (a retry too) gets a fresh one.
     pub(crate) async fn fetch_jobs(&self, forward: &Forward<'_>) -> Attempt {
+        if let Some(paused) = self.pause() {
+            return Attempt::not_sent(paused);
+        }
+        let _slot = match tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            // Timed out, or (never: the semaphore is not closed) closed.
+            Ok(Err(_)) | Err(_) => {
+                return Attempt::not_sent(GatewayError::UpstreamOverloaded {
+                    retry_after: OVERLOADED_RETRY,
+                })
+            }
+        };
+        // A pause may have begun while this request waited.
+        if let Some(paused) = self.pause() {
+            return Attempt::not_sent(paused);
+        }
         let request = match self.build_request(forward) {
             Ok(request) => request,
-            Err(error) => return Attempt::failed(None, error),
+            Err(error) => return Attempt::not_sent(error),
         };
-        let fetched = match http_client::fetch(&self.client, request, self.timeout, self.max_body)
-            .await
-        {
+        let sent = Instant::now();
+        let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body).await;
+        let latency = Some(sent.elapsed());
+        let fetched = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
                 let error = match e {
@@ -94,14 +160,29 @@ impl Upstream {
                         GatewayError::UpstreamBadResponse(BadResponse::TooLarge)
                     }
                 };
-                return Attempt::failed(None, error);
+                return Attempt {
+                    status: None,
+                    latency,
+                    result: Err(error),
+                };
             }
         };
+        // RFC 6585 §4 / RFC 9110 §15.6.4: KooDrive says when to come back.
+        let status = fetched.status;
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            if let Some(delay) = retry_after(&fetched.headers) {
+                return Attempt {
+                    status: Some(status),
+                    latency,
+                    result: Err(self.pause_for(status, delay)),
+                };
+            }
+        }
         let storable = storable(&fetched.headers);
         Attempt {
-            status: Some(fetched.status),
-            result: normalize(fetched.status, fetched.body)
-                .map(|body| UpstreamReply { body, storable }),
+            status: Some(status),
+            latency,
+            result: normalize(status, fetched.body).map(|body| UpstreamReply { body, storable }),
         }
     }
 
@@ -141,21 +222,40 @@ impl Upstream {
     }
 }
 
-/// One call to KooDrive: its status when an answer arrived, and what the
-/// answer means.
+/// One try to call KooDrive: whether it was sent (and then how long it
+/// took and KooDrive's status, when an answer arrived), and what the answer
+/// means.
 #[derive(Debug)]
 pub(crate) struct Attempt {
     pub status: Option<StatusCode>,
+    /// `None` when nothing was sent (paused, shed, unrepresentable).
+    pub latency: Option<Duration>,
     pub result: Result<UpstreamReply, GatewayError>,
 }
 
 impl Attempt {
-    fn failed(status: Option<StatusCode>, error: GatewayError) -> Attempt {
+    fn not_sent(error: GatewayError) -> Attempt {
         Attempt {
-            status,
+            status: None,
+            latency: None,
             result: Err(error),
         }
     }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    let delay = at - OffsetDateTime::now_utc();
+    Some(Duration::try_from(delay).unwrap_or(Duration::ZERO))
 }
 
 /// KooDrive's success body and whether it may be cached.
@@ -268,8 +368,39 @@ fn clean_msg(msg: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::config::UpstreamTarget;
+
+    /// Limits for tests that never reach them.
+    pub(crate) fn config() -> UpstreamConfig {
+        UpstreamConfig {
+            target: UpstreamTarget::Embedded,
+            ca_file: None,
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1024,
+            max_concurrency: 4,
+            queue_timeout: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let headers = |value: &'static str| {
+            let mut map = http::HeaderMap::new();
+            map.insert(http::header::RETRY_AFTER, HeaderValue::from_static(value));
+            map
+        };
+        assert_eq!(retry_after(&headers("2")), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&headers(" 0 ")), Some(Duration::ZERO));
+        // A date in the past means "now".
+        assert_eq!(
+            retry_after(&headers("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers("soon")), None);
+        assert_eq!(retry_after(&http::HeaderMap::new()), None);
+    }
 
     fn run(status: u16, body: &str) -> Result<Bytes, GatewayError> {
         normalize(
@@ -299,12 +430,7 @@ mod tests {
                 "http://127.0.0.1:9443/koodrive/ose/v1/jobs",
             ),
         ] {
-            let upstream = Upstream::new(
-                &base.parse().unwrap(),
-                client.clone(),
-                Duration::from_secs(1),
-                1024,
-            );
+            let upstream = Upstream::new(&base.parse().unwrap(), client.clone(), &config());
             assert_eq!(upstream.jobs_url, expected, "{base}");
         }
     }

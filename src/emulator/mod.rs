@@ -53,6 +53,8 @@ pub enum Fault {
     DropConnection,
     /// Token endpoint only: answer 200 with this `expires_in`.
     BadExpiry(i64),
+    /// Answer with this status (429 or 503) and `Retry-After: seconds`.
+    Throttle { status: u16, retry_after_s: u64 },
 }
 
 /// The token endpoint's path.
@@ -85,6 +87,9 @@ struct State {
     recorded: Mutex<VecDeque<RecordedRequest>>,
     fault: Mutex<Fault>,
     jobs_requests: AtomicU64,
+    /// Jobs requests being answered now, and the most there ever were.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     /// (client id, client secret) the token endpoint accepts.
     client: Mutex<Option<(String, String)>>,
     /// Claim of the subject token that names the user.
@@ -103,6 +108,8 @@ impl Default for State {
             recorded: Mutex::default(),
             fault: Mutex::default(),
             jobs_requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
             client: Mutex::default(),
             user_claim: Mutex::new("koodrive_uid".into()),
             token_ttl: Mutex::new(DEFAULT_TOKEN_TTL),
@@ -263,6 +270,28 @@ impl Emulator {
     pub fn set_fault(&self, fault: Fault) {
         *lock(&self.state.fault) = fault;
     }
+
+    /// The most jobs requests it was ever answering at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.state.peak_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a jobs request in flight while it lives.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a State) -> InFlight<'a> {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Returning `Err` makes hyper close the connection without a response.
@@ -298,6 +327,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Result<Reply, Drop
         ));
     }
     state.jobs_requests.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(state);
     {
         let mut recorded = lock(&state.recorded);
         if recorded.len() == RECORDED_MAX {
@@ -330,6 +360,17 @@ async fn handle(state: &State, request: Request<Incoming>) -> Result<Reply, Drop
             return Ok(raw(status, "application/json", ""));
         }
         Fault::DropConnection => return Err(Dropped),
+        Fault::Throttle {
+            status,
+            retry_after_s,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            let mut reply = koodrive_error(status, json!(status.as_u16()), "slow down");
+            reply
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            return Ok(reply);
+        }
     }
     Ok(answer_jobs(state, &request))
 }

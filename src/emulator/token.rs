@@ -37,7 +37,7 @@ pub(super) async fn handle(state: &State, request: Request<Incoming>) -> Result<
     match fault {
         Fault::None => {}
         Fault::Latency(delay) => tokio::time::sleep(delay).await,
-        Fault::Status(status) => {
+        Fault::Status(status) | Fault::Throttle { status, .. } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return Ok(oauth_error(status, "server_error", "injected failure"));
         }

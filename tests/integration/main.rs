@@ -9,6 +9,7 @@ mod faults;
 mod forwarding;
 mod identity;
 mod lifecycle;
+mod protection;
 mod rate_limit;
 mod support;
 mod validation;
