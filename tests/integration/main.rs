@@ -11,5 +11,6 @@ mod identity;
 mod lifecycle;
 mod protection;
 mod rate_limit;
+mod shared_limits;
 mod support;
 mod validation;
