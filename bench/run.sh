@@ -5,8 +5,9 @@
 #
 #   bench/run.sh [DURATION_SECONDS] [CONNECTIONS]
 #
-# Needs wrk (Debian: apt-get install wrk). Everything listens on loopback;
-# every load runs for a bounded time and then stops.
+# Needs wrk (Debian: apt-get install wrk) and, for the shared rate-limit
+# row, redis-server. Everything listens on loopback; every load runs for a
+# bounded time and then stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
@@ -30,7 +31,15 @@ path="/koodrive/ose/v1/jobs?offset=0&limit=10"
 "$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
 pids+=($!)
 
-write_config() { # $1 = cache ttl_ms
+redis_port=16379
+redis_pid=
+if command -v redis-server >/dev/null; then
+  redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no --dir "$work" >/dev/null &
+  redis_pid=$!
+  pids+=($redis_pid)
+fi
+
+write_config() { # $1 = cache ttl_ms, $2 = extra TOML
   cat > "$work/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$gateway_port"
@@ -48,8 +57,15 @@ mode = "static"
 static_tokens_file = "$work/tokens.json"
 [cache]
 ttl_ms = $1
+$2
 TOML
 }
+
+# A budget no load here reaches: the rows measure the cost of deciding.
+limits="[rate_limit]
+requests_per_second = 1000000
+burst = 1000000"
+
 
 wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
 
@@ -73,14 +89,22 @@ x_date=$(date -u +%Y%m%dT%H%M%SZ)
 measure direct -H "Authorization: Bearer $token" -H "X-User-Id: $user" -H "X-Date: $x_date" \
   "http://127.0.0.1:$emulator_port$path"
 
-for ttl in 0 5000; do
-  write_config $ttl
-  "$bin" serve --config "$work/gateway.toml" 2>"$work/gateway-$ttl.log" &
+labels=(gateway-cache-off gateway-cache-on gateway-ratelimit-local)
+[ -n "$redis_pid" ] && labels+=(gateway-ratelimit-redis)
+for label in "${labels[@]}"; do
+  case $label in
+    gateway-cache-off) write_config 0 "" ;;
+    gateway-cache-on) write_config 5000 "" ;;
+    gateway-ratelimit-local) write_config 0 "$limits" ;;
+    gateway-ratelimit-redis) write_config 0 "$limits
+redis_url = \"redis://127.0.0.1:$redis_port\"
+redis_timeout_ms = 1000" ;;
+  esac
+  "$bin" serve --config "$work/gateway.toml" 2>"$work/$label.log" &
   gw=$!
   pids+=($gw)
   wait_port $gateway_port
   jwt=$("$bin" dev-token --config "$work/gateway.toml" --user "$user" 2>/dev/null)
-  label=gateway-cache-$([ $ttl = 0 ] && echo off || echo on)
   measure "$label" -H "Authorization: Bearer $jwt" "https://127.0.0.1:$gateway_port$path"
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
   echo "  gateway peak RSS: $((rss / 1024)) MiB"
@@ -88,7 +112,7 @@ for ttl in 0 5000; do
 done
 
 direct=$(cat "$work/direct.rps")
-for label in gateway-cache-off gateway-cache-on; do
+for label in "${labels[@]}"; do
   awk -v g="$(cat "$work/$label.rps")" -v d="$direct" -v l="$label" \
     'BEGIN { printf "%-28s %.2f x direct throughput\n", l, g / d }'
 done

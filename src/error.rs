@@ -469,6 +469,15 @@ impl GatewayError {
         )
     }
 
+    /// Whether the error means the request was never sent to KooDrive
+    /// (shed, or held back by a pause), although it is KooDrive's side.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamOverloaded { .. } | GatewayError::UpstreamPaused { .. }
+        )
+    }
+
     /// The error and its causes, `: `-separated, for the log.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();

@@ -34,7 +34,7 @@ use tracing::instrument::WithSubscriber;
 
 use crate::auth::{JwksError, KeySet, KeyStore, Verifier};
 use crate::cache::ResponseCache;
-use crate::config::{Config, JwksSource, Secrets, TokenConfig, UpstreamTarget};
+use crate::config::{Config, JwksSource, Secrets, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::pipeline::Pipeline;
@@ -157,10 +157,17 @@ pub struct Gateway {
 
 impl Gateway {
     /// Reads every file the config names — TLS certificate and key, extra
-    /// CA, JWKS file, static token file — as a start would, without binding
-    /// ports or fetching URLs. Development material is created if asked.
+    /// CA, JWKS file, static token file — and checks that the secrets it
+    /// names by variable are set, as a start would, without binding ports
+    /// or fetching URLs. Development material is created if asked.
     pub async fn check_files(config: &Config) -> Result<(), StartError> {
-        Files::load(config).await.map(drop)
+        Files::load(config).await?;
+        if let TokenConfig::Exchange(exchange) = &config.token {
+            if let TokenEndpoint::Url(_) = exchange.endpoint {
+                token::required_secret(exchange, &Secrets::from_env(config))?;
+            }
+        }
+        Ok(())
     }
 
     /// Builds the gateway from config with the secrets the config names

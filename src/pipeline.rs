@@ -125,9 +125,13 @@ impl Pipeline {
         // The cache after authentication and validation, so a hit skips
         // neither; before the token, so a hit costs no exchange.
         let trace_id = record.trace_id.clone();
+        // Without a cache every request bypasses it; with one, the client
+        // may ask to.
+        let bypass = self.cache.as_ref().is_none_or(|cache| {
+            cache.honors_client_no_cache() && requests_no_cache(request.headers())
+        });
         let served = match &self.cache {
             Some(cache) => {
-                let bypass = cache.honors_client_no_cache() && requests_no_cache(request.headers());
                 let key = CacheKey::new(&caller.principal, &query, &language);
                 let (caller, query, language, trace_id) = (&caller, &query, &language, &trace_id);
                 let noted = &mut *record;
@@ -146,10 +150,10 @@ impl Pipeline {
                     age: None,
                 }),
         };
-        // A failed load still tells whether the cache was consulted.
+        // A failed load still tells how the cache was consulted.
         record.cache = Some(match &served {
             Ok(served) => served.status,
-            Err(_) if self.cache.is_none() => CacheStatus::Bypass,
+            Err(_) if bypass => CacheStatus::Bypass,
             Err(_) => CacheStatus::Miss,
         });
         Ok(json_response(served?))

@@ -40,6 +40,9 @@ pub(crate) enum Decision {
     CacheHit,
     /// KooDrive failed; answered from an expired entry (stale-if-error).
     Stale,
+    /// The client went away (connection closed, stream reset, drain
+    /// deadline) before the answer was ready; logged with status 499.
+    Abandoned,
 }
 
 impl Decision {
@@ -51,6 +54,7 @@ impl Decision {
             Decision::Forwarded => "forwarded",
             Decision::CacheHit => "cache_hit",
             Decision::Stale => "stale",
+            Decision::Abandoned => "abandoned",
         }
     }
 }
@@ -100,6 +104,12 @@ pub(crate) struct RequestRecord {
     pub rate_limit: Option<rate_limit::Outcome>,
     /// The caller's budget after this request, for the response headers.
     pub limits: Option<Limits>,
+    /// Set once the record was written; a record dropped before that
+    /// belongs to an abandoned request and writes itself.
+    closed: bool,
+    /// The subscriber current when the request arrived, for a record
+    /// written from `Drop` (where it may no longer be current).
+    dispatch: tracing::Dispatch,
 }
 
 impl RequestRecord {
@@ -124,6 +134,8 @@ impl RequestRecord {
             upstream: None,
             rate_limit: None,
             limits: None,
+            closed: false,
+            dispatch: tracing::dispatcher::get_default(tracing::Dispatch::clone),
         }
     }
 
@@ -139,13 +151,23 @@ impl RequestRecord {
 
     /// Closes the record with the response's status and, for an error, the
     /// error.
-    pub(crate) fn finish(self, status: StatusCode, error: Option<GatewayError>) -> Finished {
+    pub(crate) fn finish(
+        &mut self,
+        status: StatusCode,
+        error: Option<GatewayError>,
+    ) -> Finished<'_> {
+        self.closed = true;
         let decision = match (&error, self.cache) {
             (None, Some(CacheStatus::Hit)) => Decision::CacheHit,
             (None, Some(CacheStatus::Stale)) => Decision::Stale,
             (None, _) => Decision::Forwarded,
             (Some(GatewayError::RateLimited { .. }), _) => Decision::RateLimited,
-            (Some(error), _) if error.side() == Side::Upstream => Decision::Forwarded,
+            // This request asked KooDrive, whatever came of it.
+            (Some(_), _) if self.upstream.is_some() => Decision::Forwarded,
+            // It shared the failed load of a request that asked KooDrive.
+            (Some(error), _) if error.side() == Side::Upstream && !error.never_sent() => {
+                Decision::Forwarded
+            }
             (Some(_), _) => Decision::Rejected,
         };
         Finished {
@@ -158,10 +180,31 @@ impl RequestRecord {
     }
 }
 
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let dispatch = self.dispatch.clone();
+        tracing::dispatcher::with_default(&dispatch, || {
+            let mut finished = self.finish(CLIENT_CLOSED_REQUEST, None);
+            finished.decision = Decision::Abandoned;
+            finished.log();
+        });
+    }
+}
+
+/// The status an abandoned request is recorded with (as nginx does; it is
+/// never sent, there is no one to send it to).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// A request's complete record, as the exit writes it.
 #[derive(Debug)]
-pub(crate) struct Finished {
-    pub record: RequestRecord,
+pub(crate) struct Finished<'a> {
+    pub record: &'a RequestRecord,
     pub status: StatusCode,
     pub decision: Decision,
     pub error: Option<GatewayError>,
@@ -174,12 +217,12 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_micros() as f64) / 1000.0
 }
 
-impl Finished {
+impl Finished<'_> {
     /// Writes the access-log line: one per request, at info level, flat
     /// fields (client-supplied text was escaped when the record opened).
     /// For a 5xx the error's causes are included.
     pub(crate) fn log(&self) {
-        let r = &self.record;
+        let r = self.record;
         let rendered = self.error.as_ref().map(GatewayError::render);
         let cause = self
             .error
@@ -200,7 +243,11 @@ impl Finished {
             upstream_status = r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
             upstream_ms = r.upstream.map(|u| millis(u.latency)),
             status = self.status.as_u16(),
-            code = rendered.as_ref().map(|x| x.code.as_str()),
+            code = match (&rendered, self.decision) {
+                (Some(x), _) => Some(x.code.as_str()),
+                (None, Decision::Abandoned) => Some("client_closed_request"),
+                (None, _) => None,
+            },
             side = rendered.as_ref().map(|x| x.side.as_str()),
             latency_ms = millis(self.latency),
             cause,
@@ -241,21 +288,82 @@ mod tests {
             bypass.finish(StatusCode::OK, None).decision,
             Decision::Forwarded
         );
-        let timeout = record().finish(
+        let mut r = record();
+        let timeout = r.finish(
             StatusCode::GATEWAY_TIMEOUT,
             Some(GatewayError::UpstreamTimeout),
         );
         assert_eq!(timeout.decision, Decision::Forwarded);
-        let refused = record().finish(
+        let mut r = record();
+        let refused = r.finish(
             StatusCode::UNAUTHORIZED,
             Some(GatewayError::MissingCredentials),
         );
         assert_eq!(refused.decision, Decision::Rejected);
-        let panic = record().finish(
+        let mut r = record();
+        let panic = r.finish(
             StatusCode::INTERNAL_SERVER_ERROR,
             Some(GatewayError::Internal(InternalError::Panic("x".into()))),
         );
         assert_eq!(panic.decision, Decision::Rejected);
+        // Shed before sending: not forwarded.
+        let mut r = record();
+        let shed = r.finish(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(GatewayError::UpstreamOverloaded {
+                retry_after: Duration::from_secs(1),
+            }),
+        );
+        assert_eq!(shed.decision, Decision::Rejected);
+        // A retry whose token exchange then failed had asked KooDrive.
+        let mut r = record();
+        r.upstream_called(Some(StatusCode::UNAUTHORIZED), Duration::from_millis(2));
+        let retried = r.finish(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(GatewayError::TokenUnavailable {
+                retry_after: Duration::from_secs(1),
+                cause: crate::error::TokenFailure::BackingOff,
+            }),
+        );
+        assert_eq!(retried.decision, Decision::Forwarded);
+    }
+
+    #[test]
+    fn a_record_dropped_unwritten_writes_itself_as_abandoned() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let r = tracing::dispatcher::with_default(&dispatch, record);
+        let id = r.trace_id.as_str().to_owned();
+        // Dropped where another subscriber is current: it still writes to
+        // the one of its request.
+        drop(r);
+        let mut written = tracing::dispatcher::with_default(&dispatch, record);
+        written.finish(StatusCode::OK, None);
+        drop(written);
+        let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains(&format!("trace_id={id} ")), "{log}");
+        assert!(log.contains("status=499"), "{log}");
+        assert!(log.contains("decision=\"abandoned\""), "{log}");
+        assert!(log.contains("code=\"client_closed_request\""), "{log}");
     }
 
     #[test]
@@ -282,7 +390,7 @@ mod tests {
             Some("x=1\r\nforged=2\u{2029}\"q\"\u{7}"),
         );
         assert_eq!(r.path, "/a\\u{2028}b");
-        let query = r.query.unwrap();
+        let query = r.query.clone().unwrap();
         assert_eq!(query.as_str(), "x=1\\r\\nforged=2\\u{2029}\\\"q\\\"\\u{7}");
         assert!(!query.as_str().chars().any(|c| c.is_control()));
     }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::auth::Authenticated;
-use crate::config::{Config, Secret, Secrets, TokenConfig, TokenEndpoint};
+use crate::config::{Config, ExchangeConfig, Secret, Secrets, TokenConfig, TokenEndpoint};
 use crate::emulator::Emulator;
 use crate::error::GatewayError;
 use crate::http_client::HttpsClient;
@@ -90,6 +90,18 @@ impl fmt::Debug for TokenSource {
     }
 }
 
+/// The client secret a real token endpoint needs: an unset variable fails
+/// `check-config` and the start alike.
+pub(crate) fn required_secret(
+    exchange: &ExchangeConfig,
+    secrets: &Secrets,
+) -> Result<Secret, TokenSetupError> {
+    secrets
+        .get(&exchange.client_secret_env)
+        .cloned()
+        .ok_or_else(|| TokenSetupError::MissingSecret(exchange.client_secret_env.clone()))
+}
+
 impl TokenSource {
     /// The token source `config` asks for. `static_tokens` is the static
     /// file if the caller already read it. With the embedded emulator, static tokens
@@ -119,12 +131,7 @@ impl TokenSource {
         };
         let secret = secrets.get(&exchange.client_secret_env).cloned();
         let (url, client_secret) = match (&exchange.endpoint, emulator) {
-            (TokenEndpoint::Url(url), _) => (
-                url.clone(),
-                secret.ok_or_else(|| {
-                    TokenSetupError::MissingSecret(exchange.client_secret_env.clone())
-                })?,
-            ),
+            (TokenEndpoint::Url(url), _) => (url.clone(), required_secret(exchange, secrets)?),
             (TokenEndpoint::Embedded, Some(emulator)) => {
                 // 128 random bits, known only to this process and its emulator.
                 let secret = secret

@@ -306,7 +306,6 @@ async fn a_hit_carries_the_new_requests_trace_id() {
         .await;
     assert_eq!(hit.header("x-cache"), "HIT");
     assert_eq!(hit.header("x-traceid"), "second-trace");
-    assert!(!String::from_utf8_lossy(&hit.body).contains("first-trace"));
 }
 
 #[tokio::test]

