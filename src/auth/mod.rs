@@ -806,6 +806,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn while_no_keys_load_retry_after_follows_the_background_retry() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url: http::Uri = format!("http://127.0.0.1:{port}/jwks.json")
+            .parse()
+            .unwrap();
+        let config = auth_config(JwksSource::Url(url));
+        let store = KeyStore::start(&config, client(), None).await.unwrap();
+        // Nothing scheduled yet: the on-demand throttle is the only bound.
+        assert_eq!(store.retry_after(), config.jwks_min_refetch);
+        // The refresh loop retries a failed start after 1 s (doubling).
+        let refresh = tokio::spawn(store.clone().keep_fresh());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let retry_after = store.retry_after();
+        refresh.abort();
+        assert!(
+            retry_after > Duration::from_millis(800) && retry_after <= Duration::from_secs(1),
+            "{retry_after:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_unreachable_jwks_url_is_keys_unavailable() {
         let keys = Keys::new();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
