@@ -21,6 +21,8 @@ pub(crate) mod pipeline;
 pub(crate) mod rate_limit;
 pub(crate) mod record;
 pub mod server;
+#[cfg(test)]
+mod test_log;
 pub mod token;
 pub(crate) mod trace_id;
 pub(crate) mod upstream;

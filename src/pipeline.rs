@@ -264,7 +264,6 @@ pub(crate) mod tests {
     use crate::auth::{KeySet, KeyStore};
     use crate::config::{AuthConfig, JwksSource};
     use http_body_util::{BodyExt, Empty};
-    use std::sync::Mutex;
     use std::time::Duration;
     use tracing::instrument::WithSubscriber;
 
@@ -309,33 +308,11 @@ pub(crate) mod tests {
         )
     }
 
-    /// A subscriber writing plain text into a buffer.
-    fn capture() -> (tracing::Dispatch, Arc<Mutex<Vec<u8>>>) {
-        #[derive(Clone)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (tracing::Dispatch::new(subscriber), buffer.0)
-    }
-
     #[tokio::test]
     async fn a_panic_is_answered_with_the_requests_trace_id_and_logged_once() {
         let pipeline = pipeline().await;
         for inbound in [Some("panic-trace-7"), None] {
-            let (dispatch, log) = capture();
+            let (dispatch, log) = crate::test_log::CapturedLog::start();
             let mut request = request(Method::GET, PANIC_PATH);
             request
                 .extensions_mut()
@@ -360,7 +337,7 @@ pub(crate) mod tests {
             assert_eq!(body["traceId"], header.as_str());
             assert!(!body["msg"].as_str().unwrap().contains("test fault"));
 
-            let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+            let log = log.text();
             let lines: Vec<&str> = log
                 .lines()
                 .filter(|l| l.contains(&format!(" request trace_id={header} ")))

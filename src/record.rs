@@ -330,26 +330,7 @@ mod tests {
 
     #[test]
     fn a_record_dropped_unwritten_writes_itself_as_abandoned() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let dispatch = tracing::Dispatch::new(
-            tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .finish(),
-        );
+        let (dispatch, buffer) = crate::test_log::CapturedLog::start();
         let r = tracing::dispatcher::with_default(&dispatch, record);
         let id = r.trace_id.as_str().to_owned();
         // Dropped where another subscriber is current: it still writes to
@@ -358,7 +339,7 @@ mod tests {
         let mut written = tracing::dispatcher::with_default(&dispatch, record);
         written.finish(StatusCode::OK, None);
         drop(written);
-        let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let log = buffer.text();
         assert_eq!(log.lines().count(), 1, "{log}");
         assert!(log.contains(&format!("trace_id={id} ")), "{log}");
         assert!(log.contains("status=499"), "{log}");
