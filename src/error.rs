@@ -30,6 +30,8 @@ pub enum Side {
     TokenEndpoint,
     /// Redis, where the shared rate-limit budgets live, could not be asked.
     RateLimitBackend,
+    /// The audit trail's sink (its queue or the file) cannot take records.
+    AuditSink,
     /// KooDrive, or the way to it.
     Upstream,
 }
@@ -43,6 +45,7 @@ impl Side {
             Side::IdentityProvider => "identity_provider",
             Side::TokenEndpoint => "token_endpoint",
             Side::RateLimitBackend => "rate_limit_backend",
+            Side::AuditSink => "audit_sink",
             Side::Upstream => "upstream",
         }
     }
@@ -87,6 +90,12 @@ pub enum GatewayError {
     /// The caller spent its budget (`[rate_limit]`).
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
+
+    // ---- the audit sink ----
+    /// Failing closed, the request's audit record could not be kept (the
+    /// queue is full or the sink cannot write): nothing is served unaudited.
+    #[error("audit record cannot be kept")]
+    AuditUnavailable { retry_after: Duration },
 
     // ---- the rate-limit backend ----
     /// Redis could not be asked and `on_backend_error = "deny"`.
@@ -313,6 +322,12 @@ impl GatewayError {
                 "rate_limited",
                 "too many requests for this caller; retry after the delay in Retry-After".into(),
             ),
+            E::AuditUnavailable { .. } => (
+                AuditSink,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the gateway cannot record this request right now; try again shortly".into(),
+            ),
             E::RateLimitUnavailable { .. } => (
                 RateLimitBackend,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -433,6 +448,7 @@ impl GatewayError {
             | E::TokenUnavailable { retry_after, .. }
             | E::RateLimited { retry_after }
             | E::RateLimitUnavailable { retry_after }
+            | E::AuditUnavailable { retry_after }
             | E::UpstreamOverloaded { retry_after }
             | E::UpstreamPaused { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
@@ -580,6 +596,14 @@ mod tests {
                 "rate_limited",
             ),
             (
+                E::AuditUnavailable {
+                    retry_after: Duration::from_secs(1),
+                },
+                AuditSink,
+                503,
+                "audit_unavailable",
+            ),
+            (
                 E::RateLimitUnavailable {
                     retry_after: Duration::from_millis(250),
                 },
@@ -704,6 +728,7 @@ mod tests {
             E::RateLimitUnavailable { .. } => 20,
             E::UpstreamOverloaded { .. } => 21,
             E::UpstreamPaused { .. } => 22,
+            E::AuditUnavailable { .. } => 23,
         }
     }
 
@@ -712,7 +737,7 @@ mod tests {
         let rows = every_variant();
         let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..=22).collect::<Vec<_>>(), "one row per variant");
+        assert_eq!(seen, (0..=23).collect::<Vec<_>>(), "one row per variant");
         for (error, side, status, code) in rows {
             let rendered = error.render();
             assert_eq!(rendered.side, side, "{error:?}");

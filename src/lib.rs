@@ -7,6 +7,7 @@
 // The public surface is what `main.rs` and the integration tests use: the
 // config, building and running a gateway, the emulator, TLS set-up, dev
 // material and the cache's counters. Everything else is the crate's own.
+pub(crate) mod audit;
 pub(crate) mod auth;
 pub mod cache;
 pub(crate) mod cache_control;
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::instrument::WithSubscriber;
 
+use crate::audit::Auditor;
 use crate::auth::{JwksError, KeySet, KeyStore, Verifier};
 use crate::cache::ResponseCache;
 use crate::config::{Config, JwksSource, Secrets, TokenConfig, TokenEndpoint, UpstreamTarget};
@@ -75,6 +77,8 @@ pub enum StartError {
     Emulator(#[source] std::io::Error),
     #[error("`rate_limit.redis_url`: {0}")]
     RateLimit(String),
+    #[error("`audit.path`: {0}")]
+    Audit(#[source] std::io::Error),
 }
 
 impl StartError {
@@ -88,6 +92,23 @@ impl StartError {
             path: path.to_path_buf(),
             reason,
         }
+    }
+}
+
+/// Reloads what can change without a restart (SIGHUP).
+#[derive(Clone)]
+pub struct Reloader {
+    auditor: Option<Arc<Auditor>>,
+}
+
+impl Reloader {
+    /// Reopens the audit file at its configured path, for external
+    /// rotation (logrotate's `create` mode: rename, then SIGHUP).
+    pub async fn reload(&self) {
+        if let Some(auditor) = &self.auditor {
+            auditor.reopen().await;
+        }
+        tracing::info!("reloaded: audit file reopened");
     }
 }
 
@@ -151,6 +172,8 @@ impl Files {
 pub struct Gateway {
     listeners: Listeners,
     pipeline: Arc<Pipeline>,
+    /// The audit trail, flushed when the gateway stops.
+    auditor: Option<Arc<Auditor>>,
     /// The in-process emulator when `upstream.base_url = "embedded"`.
     emulator: Option<Emulator>,
     /// Key refresh; stops with the gateway.
@@ -216,7 +239,14 @@ impl Gateway {
             .map(RateLimiter::new)
             .transpose()
             .map_err(|e| StartError::RateLimit(e.to_string()))?;
+        let auditor = config
+            .audit
+            .as_ref()
+            .map(|audit| Auditor::start(audit).map(Arc::new))
+            .transpose()
+            .map_err(StartError::Audit)?;
         let pipeline = Pipeline::new(
+            auditor.clone(),
             Verifier::new(&config.auth, keys.clone()),
             limiter.clone(),
             tokens,
@@ -233,7 +263,10 @@ impl Gateway {
         let admin = match config.server.admin_listen {
             Some(addr) => Some((
                 bind("server.admin_listen", addr).await?,
-                Readiness { keys: keys.clone() },
+                Readiness {
+                    keys: keys.clone(),
+                    audit: auditor.clone(),
+                },
             )),
             None => None,
         };
@@ -254,6 +287,7 @@ impl Gateway {
                 grace: config.server.shutdown_grace,
             },
             pipeline: Arc::new(pipeline),
+            auditor,
             emulator,
             tasks,
         })
@@ -291,6 +325,21 @@ impl Gateway {
         // as the gateway serves.
         let _emulator = self.emulator;
         let _tasks = self.tasks;
+        let grace = self.listeners.grace;
         server::run(self.listeners, self.pipeline, shutdown).await;
+        // Every record of the drained requests is written before exit (a
+        // sink that cannot write gets the grace period, not for ever).
+        if let Some(auditor) = self.auditor {
+            if tokio::time::timeout(grace, auditor.close()).await.is_err() {
+                tracing::error!("audit records still queued at exit: the sink cannot write");
+            }
+        }
+    }
+
+    /// What SIGHUP reloads, usable while the gateway runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            auditor: self.auditor.clone(),
+        }
     }
 }

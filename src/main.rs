@@ -140,6 +140,7 @@ async fn serve(path: &Path) -> Result<()> {
         tracing::info!(addr = %admin, "admin (healthz, readyz) on http://{admin}");
     }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
+    tokio::spawn(reload_on_sighup(gateway.reloader()));
     gateway.run(shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
@@ -206,6 +207,24 @@ fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
     claims[&config.auth.user_id_claim] = user.into();
     println!("{}", devcerts::sign_dev_token(dir, &claims)?);
     Ok(())
+}
+
+/// SIGHUP reloads (today: reopens the audit file for external rotation)
+/// instead of ending the process.
+async fn reload_on_sighup(reloader: koodrive_gateway::Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be handled; reload needs a restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            reloader.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    drop(reloader);
 }
 
 async fn shutdown_signal() {

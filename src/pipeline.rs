@@ -15,13 +15,14 @@ use http_body_util::Full;
 use hyper::body::Body;
 use tracing::Instrument;
 
+use crate::audit::{self, Auditor, Delivery};
 use crate::auth::{Authenticated, Verifier};
 use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Served};
 use crate::error::{GatewayError, InternalError};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
 use crate::rate_limit::RateLimiter;
-use crate::record::{QueryText, RequestRecord};
+use crate::record::{Decision, QueryText, RequestRecord};
 use crate::server::ClientAddr;
 use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
@@ -30,6 +31,7 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
+    audit: Option<Arc<Auditor>>,
     verifier: Verifier,
     limiter: Option<Arc<RateLimiter>>,
     tokens: TokenSource,
@@ -40,6 +42,7 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// The pipeline over its components.
     pub(crate) fn new(
+        audit: Option<Arc<Auditor>>,
         verifier: Verifier,
         limiter: Option<Arc<RateLimiter>>,
         tokens: TokenSource,
@@ -47,6 +50,7 @@ impl Pipeline {
         cache: Option<Arc<ResponseCache>>,
     ) -> Pipeline {
         Pipeline {
+            audit,
             verifier,
             limiter,
             tokens,
@@ -75,25 +79,50 @@ impl Pipeline {
         // Logs written while the request is handled (token exchange, JWKS
         // refetch) carry its trace id.
         let span = tracing::info_span!("request", trace_id = %trace_id.as_str());
-        let outcome = AssertUnwindSafe(self.process(&request, &mut record).instrument(span))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Err(GatewayError::Internal(InternalError::Panic(panic_message(
-                    panic.as_ref(),
-                ))))
-            });
+        // The audit record's place first: failing closed, a request whose
+        // record could not be kept is refused before anything happens.
+        let admitted = match &self.audit {
+            Some(auditor) => auditor.admit().map(|ticket| record.audit = Some(ticket)),
+            None => Some(()),
+        };
+        let outcome = match admitted {
+            Some(()) => AssertUnwindSafe(self.process(&request, &mut record).instrument(span))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(GatewayError::Internal(InternalError::Panic(panic_message(
+                        panic.as_ref(),
+                    ))))
+                }),
+            None => Err(GatewayError::AuditUnavailable {
+                retry_after: audit::RETRY_AFTER,
+            }),
+        };
         let (mut response, error) = match outcome {
             Ok(response) => (response, None),
             Err(error) => (error.response(&trace_id), Some(error)),
         };
+        let ticket = record.audit.take();
+        let mut finished = record.finish(response.status(), error);
+        if let Some(ticket) = ticket {
+            if ticket.deliver(audit::audit_line(&finished)).await == Delivery::Refused {
+                // Nothing is served unaudited.
+                let refusal = GatewayError::AuditUnavailable {
+                    retry_after: audit::RETRY_AFTER,
+                };
+                response = refusal.response(&trace_id);
+                finished.status = response.status();
+                finished.error = Some(refusal);
+                finished.decision = Decision::Rejected;
+            }
+        }
         let headers = response.headers_mut();
         headers.insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
         // Whatever the answer, a caller whose budget was looked at learns it.
-        if let Some(limits) = &record.limits {
+        if let Some(limits) = &finished.record.limits {
             limits.stamp(headers);
         }
-        record.finish(response.status(), error).log();
+        finished.log();
         response
     }
 
@@ -300,6 +329,7 @@ pub(crate) mod tests {
             &crate::upstream::tests::config(),
         );
         Pipeline::new(
+            None,
             Verifier::new(&auth, store),
             None,
             TokenSource::Static(Default::default()),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 
+use crate::audit;
 use crate::cache::CacheStatus;
 use crate::error::{GatewayError, Side};
 use crate::rate_limit::{self, Limits};
@@ -90,6 +91,8 @@ pub(crate) struct UpstreamCall {
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
     pub trace_id: TraceId,
+    /// Wall-clock arrival, for the audit record's `ts`.
+    pub arrived: time::OffsetDateTime,
     started: Instant,
     pub client: Option<SocketAddr>,
     pub method: Method,
@@ -104,6 +107,8 @@ pub(crate) struct RequestRecord {
     pub rate_limit: Option<rate_limit::Outcome>,
     /// The caller's budget after this request, for the response headers.
     pub limits: Option<Limits>,
+    /// The record's reserved place in the audit queue, when auditing.
+    pub audit: Option<audit::Ticket>,
     /// Set once the record was written; a record dropped before that
     /// belongs to an abandoned request and writes itself.
     closed: bool,
@@ -123,6 +128,7 @@ impl RequestRecord {
     ) -> RequestRecord {
         RequestRecord {
             trace_id,
+            arrived: time::OffsetDateTime::now_utc(),
             started: Instant::now(),
             client,
             method: method.clone(),
@@ -134,6 +140,7 @@ impl RequestRecord {
             upstream: None,
             rate_limit: None,
             limits: None,
+            audit: None,
             closed: false,
             dispatch: tracing::dispatcher::get_default(tracing::Dispatch::clone),
         }
@@ -186,10 +193,14 @@ impl Drop for RequestRecord {
             return;
         }
         let dispatch = self.dispatch.clone();
+        let ticket = self.audit.take();
         tracing::dispatcher::with_default(&dispatch, || {
             let mut finished = self.finish(CLIENT_CLOSED_REQUEST, None);
             finished.decision = Decision::Abandoned;
             finished.log();
+            if let Some(ticket) = ticket {
+                ticket.deliver_now(audit::audit_line(&finished));
+            }
         });
     }
 }
@@ -212,18 +223,28 @@ pub(crate) struct Finished<'a> {
     pub latency: Duration,
 }
 
-/// Milliseconds with microsecond precision, for logs.
-fn millis(duration: Duration) -> f64 {
+/// Milliseconds with microsecond precision, for logs and the audit trail.
+pub(crate) fn millis(duration: Duration) -> f64 {
     (duration.as_micros() as f64) / 1000.0
 }
 
 impl Finished<'_> {
+    /// The error code sent to the client, if any.
+    pub(crate) fn code(&self) -> Option<String> {
+        match (&self.error, self.decision) {
+            (Some(error), _) => Some(error.render().code),
+            (None, Decision::Abandoned) => Some("client_closed_request".into()),
+            (None, _) => None,
+        }
+    }
+
     /// Writes the access-log line: one per request, at info level, flat
     /// fields (client-supplied text was escaped when the record opened).
     /// For a 5xx the error's causes are included.
     pub(crate) fn log(&self) {
         let r = self.record;
         let rendered = self.error.as_ref().map(GatewayError::render);
+        let code = self.code();
         let cause = self
             .error
             .as_ref()
@@ -243,11 +264,7 @@ impl Finished<'_> {
             upstream_status = r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
             upstream_ms = r.upstream.map(|u| millis(u.latency)),
             status = self.status.as_u16(),
-            code = match (&rendered, self.decision) {
-                (Some(x), _) => Some(x.code.as_str()),
-                (None, Decision::Abandoned) => Some("client_closed_request"),
-                (None, _) => None,
-            },
+            code = code.as_deref(),
             side = rendered.as_ref().map(|x| x.side.as_str()),
             latency_ms = millis(self.latency),
             cause,

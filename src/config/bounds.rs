@@ -47,6 +47,10 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     bound("rate_limit.requests_per_second", 1, 1_000_000),
     bound("rate_limit.burst", 1, 1_000_000),
     bound("rate_limit.redis_timeout_ms", 1, 10_000),
+    // 0 = never rotate.
+    bound("audit.max_file_bytes", 0, 1024 * 1024 * MIB),
+    bound("audit.max_files", 1, 1_000),
+    bound("audit.queue_records", 1, 1_000_000),
 ];
 
 const fn bound(key: &'static str, min: u64, max: u64) -> Bound {

@@ -23,6 +23,16 @@ pub(super) fn redis_timeout_ms() -> u64 {
     50
 }
 
+pub(super) fn audit_max_file_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+pub(super) fn audit_max_files() -> u64 {
+    10
+}
+pub(super) fn audit_queue_records() -> u64 {
+    10_000
+}
+
 pub(super) fn principal_claim() -> String {
     "sub".into()
 }

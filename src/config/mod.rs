@@ -3,6 +3,7 @@
 //! unknown keys, unsupported sections and bad values are errors that name
 //! the key.
 
+mod audit;
 mod auth;
 mod bounds;
 mod cache;
@@ -18,9 +19,9 @@ use std::path::Path;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+pub use audit::{AuditConfig, AuditSink, Durability, FileAudit, OnAuditError};
 pub use auth::{AuthConfig, FileAuth, JwksSource};
 pub use bounds::{Bound, NUMERIC_KEYS};
 pub use cache::{CacheConfig, FileCache};
@@ -55,8 +56,8 @@ pub struct FileConfig {
     pub cache: FileCache,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<FileRateLimit>,
-    #[serde(default, skip_serializing)]
-    audit: Option<IgnoredAny>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<FileAudit>,
 }
 
 /// The validated configuration the gateway is built from.
@@ -70,6 +71,8 @@ pub struct Config {
     pub cache: Option<CacheConfig>,
     /// `None` when the section is absent: no limit.
     pub rate_limit: Option<RateLimitConfig>,
+    /// `None` when the section is absent: no audit trail.
+    pub audit: Option<AuditConfig>,
 }
 
 /// A secret value whose `Debug` never shows it.
@@ -164,12 +167,6 @@ impl Config {
     }
 
     fn validate(file: &FileConfig) -> Result<Config, ConfigError> {
-        if file.audit.is_some() {
-            return Err(invalid(
-                "audit",
-                "not supported yet by this version; remove it",
-            ));
-        }
         let upstream = file.upstream.validate()?;
         Ok(Config {
             server: file.server.validate()?,
@@ -181,6 +178,7 @@ impl Config {
                 .as_ref()
                 .map(FileRateLimit::validate)
                 .transpose()?,
+            audit: file.audit.as_ref().map(FileAudit::validate).transpose()?,
             upstream,
         })
     }
@@ -254,6 +252,8 @@ client_secret_env = "KOODRIVE_GATEWAY_CONFIG_TEST_UNSET"
 requests_per_second = 10
 burst = 20
 redis_url = "redis://127.0.0.1:6379"
+[audit]
+path = "audit.log"
 "#;
 
     /// `base` with `lines` set in `[section]` (created if absent; a key
@@ -350,12 +350,20 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_sections_say_so() {
-        let err = error_of("audit", "path = \"-\"");
-        assert!(
-            err.contains("`audit`") && err.contains("not supported yet"),
-            "{err}"
-        );
+    fn the_audit_section_is_checked() {
+        let audit = static_with("audit", "path = \"-\"").unwrap().audit.unwrap();
+        assert_eq!(audit.sink, AuditSink::Stdout);
+        assert_eq!(audit.on_error, OnAuditError::Reject);
+        assert_eq!(audit.max_file_bytes, Some(100 * 1024 * 1024));
+        let never = static_with("audit", "path = \"a.log\"\nmax_file_bytes = 0")
+            .unwrap()
+            .audit
+            .unwrap();
+        assert_eq!(never.max_file_bytes, None);
+        let err = error_of("audit", "path = \"-\"\ndurability = \"fsynced\"");
+        assert!(err.contains("audit.durability"), "{err}");
+        let err = error_of("audit", "path = \"-\"\non_error = \"shrug\"");
+        assert!(err.contains("on_error"), "{err}");
     }
 
     #[test]

@@ -12,12 +12,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::sync::watch;
 
+use crate::audit::Auditor;
 use crate::auth::KeyStore;
 
 /// The gateway's components that readiness looks at.
 #[derive(Clone, Debug)]
 pub(crate) struct Readiness {
     pub keys: Arc<KeyStore>,
+    /// Failing closed, the gateway is not ready while its sink cannot write.
+    pub audit: Option<Arc<Auditor>>,
 }
 
 /// What the admin listener answers from.
@@ -42,6 +45,13 @@ impl Health {
             Some("draining")
         } else if self.readiness.keys.current().is_none() {
             Some("no verification key set loaded")
+        } else if self
+            .readiness
+            .audit
+            .as_ref()
+            .is_some_and(|audit| audit.refuses_requests())
+        {
+            Some("audit sink cannot write")
         } else {
             None
         }

@@ -2,6 +2,7 @@
 //! ports, talked to over real TLS (HTTP/1.1 and HTTP/2).
 
 mod access_log;
+mod audit;
 mod auth;
 mod binary;
 mod caching;

@@ -94,6 +94,8 @@ pub struct TestEnv {
     /// Everything this gateway logged (at debug level), and nothing that
     /// another test's gateway logged.
     log: LogCapture,
+    /// SIGHUP's effect, without a signal.
+    pub reloader: koodrive_gateway::Reloader,
     /// One pooled client per HTTP version, so a test's requests share
     /// connections instead of paying a handshake each.
     h1: HttpsClient,
@@ -237,6 +239,7 @@ impl TestEnv {
         let addr = gateway.local_addr().unwrap();
         let cache = gateway.cache();
         let admin = gateway.admin_addr().unwrap();
+        let reloader = gateway.reloader();
         let (shutdown, stop) = oneshot::channel::<()>();
         let run = gateway.run(async {
             let _ = stop.await;
@@ -249,6 +252,7 @@ impl TestEnv {
             admin,
             cache,
             log,
+            reloader,
             h1: client(&certs.join(devcerts::CA_CERT), Version::HTTP_11),
             h2: client(&certs.join(devcerts::CA_CERT), Version::HTTP_2),
             shutdown: Some(shutdown),
@@ -609,5 +613,27 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.stop().await;
         self.spawn().await;
+    }
+}
+
+impl TestEnv {
+    /// Writes `head` (a whole HTTP/1.1 request head, as bytes) over TLS and
+    /// returns the response as text: for bytes no HTTP client would send.
+    pub async fn send_raw(&self, head: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = tls::client_config(Some(&self.certs().join(devcerts::CA_CERT))).unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        stream.write_all(head).await.unwrap();
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read_to_end(&mut response),
+        )
+        .await;
+        String::from_utf8_lossy(&response).into_owned()
     }
 }

@@ -1,0 +1,223 @@
+//! The audit trail: one JSON line per request that reached the HTTP layer,
+//! whatever its outcome, with a delivery guarantee.
+//!
+//! A request reserves its place in the writer's bounded queue when it
+//! arrives ([`Auditor::admit`]); its record takes that place at the exit, so
+//! a record that was admitted can always be queued. With `on_error =
+//! "reject"` a request that cannot reserve a place — the queue is full, or
+//! the sink is failing — is refused with 503 `audit_unavailable` before
+//! anything else happens (KooDrive is never asked for it), and with
+//! `durability = "written"`/`"fsynced"` its response waits for the write.
+//! With `"continue"` it is served and counted as dropped. The writer is a
+//! thread of its own ([`writer`]), so the request path never waits on disk
+//! beyond what `durability` asks for.
+
+mod record;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::{self, OwnedPermit};
+use tokio::sync::oneshot;
+
+use crate::config::{AuditConfig, Durability, OnAuditError};
+pub(crate) use record::audit_line;
+
+/// How long a refused caller is told to wait.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One line for the writer, and who waits for it to be written.
+enum Job {
+    Line {
+        line: Vec<u8>,
+        written: Option<oneshot::Sender<bool>>,
+    },
+    /// Reopen the file (SIGHUP: external rotation).
+    Reopen,
+    /// Write what is queued, then stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// Counts of records by outcome (for metrics).
+#[derive(Debug, Default)]
+pub(crate) struct AuditCounts {
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// State shared by the request path and the writer.
+#[derive(Debug)]
+struct Shared {
+    /// False while the sink fails; true again once a write succeeds.
+    healthy: AtomicBool,
+    counts: AuditCounts,
+}
+
+/// The gateway's audit trail.
+pub(crate) struct Auditor {
+    sender: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    on_error: OnAuditError,
+    durability: Durability,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("on_error", &self.on_error)
+            .field("durability", &self.durability)
+            .finish()
+    }
+}
+
+/// A request's reserved place in the queue (or, failing open, the lack of
+/// one).
+pub(crate) struct Ticket {
+    permit: Option<OwnedPermit<Job>>,
+    shared: Arc<Shared>,
+    durability: Durability,
+    on_error: OnAuditError,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("reserved", &self.permit.is_some())
+            .finish()
+    }
+}
+
+/// What became of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// As far as `durability` asks.
+    Accepted,
+    /// Failing open: not kept, counted.
+    Dropped,
+    /// Failing closed: not kept; the response must become 503.
+    Refused,
+}
+
+impl Auditor {
+    /// Opens the sink (a file that cannot be opened fails the start) and
+    /// starts the writer thread.
+    pub(crate) fn start(config: &AuditConfig) -> std::io::Result<Auditor> {
+        let (sender, receiver) = mpsc::channel(config.queue_records);
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            counts: AuditCounts::default(),
+        });
+        writer::spawn(config, receiver, shared.clone())?;
+        Ok(Auditor {
+            sender,
+            shared,
+            on_error: config.on_error,
+            durability: config.durability,
+        })
+    }
+
+    /// Reserves a place for a new request's record. `None`: refuse the
+    /// request (failing closed while the queue is full or the sink fails).
+    pub(crate) fn admit(&self) -> Option<Ticket> {
+        let healthy = self.shared.healthy.load(Ordering::Acquire);
+        let permit = if healthy {
+            self.sender.clone().try_reserve_owned().ok()
+        } else {
+            None
+        };
+        if permit.is_none() && self.on_error == OnAuditError::Reject {
+            self.shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Ticket {
+            permit,
+            shared: self.shared.clone(),
+            durability: self.durability,
+            on_error: self.on_error,
+        })
+    }
+
+    /// Whether requests are being refused: failing closed while the sink
+    /// cannot write (readiness).
+    pub(crate) fn refuses_requests(&self) -> bool {
+        self.on_error == OnAuditError::Reject && !self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// The records' outcomes so far.
+    #[allow(dead_code)] // read by /metrics
+    pub(crate) fn counts(&self) -> &AuditCounts {
+        &self.shared.counts
+    }
+
+    /// Reopens the file at the configured path (after an external rename).
+    pub(crate) async fn reopen(&self) {
+        let _ = self.sender.send(Job::Reopen).await;
+    }
+
+    /// Writes what is queued and stops the writer (graceful shutdown).
+    pub(crate) async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.sender.send(Job::Close(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+impl Ticket {
+    /// Hands the record to the writer and, if `durability` asks, waits for
+    /// it to be written.
+    pub(crate) async fn deliver(self, line: Vec<u8>) -> Delivery {
+        let wait = self.durability != Durability::Queued;
+        let (written, receipt) = match wait {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (shared, on_error) = (self.shared.clone(), self.on_error);
+        match self.send(line, written) {
+            Delivery::Accepted => {}
+            other => return other,
+        }
+        let Some(receipt) = receipt else {
+            return Delivery::Accepted;
+        };
+        match receipt.await {
+            Ok(true) => Delivery::Accepted,
+            // The writer could not write this record (and did not keep it).
+            _ => match on_error {
+                OnAuditError::Continue => {
+                    shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                    Delivery::Dropped
+                }
+                OnAuditError::Reject => {
+                    shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                    Delivery::Refused
+                }
+            },
+        }
+    }
+
+    /// Hands the record over without waiting (a request whose client left:
+    /// nobody awaits its response).
+    pub(crate) fn deliver_now(self, line: Vec<u8>) {
+        let _ = self.send(line, None);
+    }
+
+    fn send(self, line: Vec<u8>, written: Option<oneshot::Sender<bool>>) -> Delivery {
+        match self.permit {
+            Some(permit) => {
+                permit.send(Job::Line { line, written });
+                Delivery::Accepted
+            }
+            None => {
+                self.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                Delivery::Dropped
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The audit trail: one JSON line per request whatever its outcome, escaped
+//! client text, rotation and reopen, and the delivery guarantee.
+
+use std::path::Path;
+use std::time::Duration;
+
+use http::Version;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::support::{Options, Reply, TestEnv};
+
+const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
+
+/// A gateway auditing into `path`, with `[audit]` lines `audit` and other
+/// sections `extra`.
+async fn audited_env(path: &Path, audit: &str, extra: &str) -> TestEnv {
+    TestEnv::start_with(Options {
+        cache: "ttl_ms = 60000",
+        sections: format!("{extra}\n[audit]\npath = \"{}\"\n{audit}\n", path.display()),
+        ..Options::default()
+    })
+    .await
+}
+
+/// The records in `path`, once there are `count` of them (the writer is a
+/// thread of its own).
+async fn records(path: &Path, count: usize) -> Vec<Value> {
+    for _ in 0..250 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= count {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} holds fewer than {count} lines", path.display());
+}
+
+/// `GET path` as `user` (or without credentials) with trace id `trace`.
+async fn get(env: &TestEnv, user: Option<&str>, method: &str, path: &str, trace: &str) -> Reply {
+    let auth = user.map(|u| format!("Bearer {}", env.token(u)));
+    let mut headers = vec![("x-traceid", trace)];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+    env.send(Version::HTTP_11, method, path, &headers, None)
+        .await
+}
+
+/// Request number `i` of a mix of every kind of outcome.
+async fn mixed(env: &TestEnv, i: usize) -> Reply {
+    let trace = format!("audit-{i}");
+    let paged = format!("/koodrive/ose/v1/jobs?offset={i}&limit=1");
+    match i % 8 {
+        0 => get(env, Some("u-1"), "GET", PATH, &trace).await,
+        1 => get(env, Some("u-2"), "GET", &paged, &trace).await,
+        2 => {
+            get(
+                env,
+                Some("u-1"),
+                "GET",
+                "/koodrive/ose/v1/jobs?offset=0&limit=101",
+                &trace,
+            )
+            .await
+        }
+        3 => get(env, None, "GET", PATH, &trace).await,
+        4 => get(env, Some("u-1"), "GET", "/koodrive/ose/v1/other", &trace).await,
+        5 => get(env, Some("u-1"), "DELETE", PATH, &trace).await,
+        6 => get(env, Some("u-9"), "GET", PATH, &trace).await,
+        _ => get(env, Some("u-3"), "GET", PATH, &trace).await,
+    }
+}
+
+fn is_string_or_null(value: &Value) -> bool {
+    value.is_string() || value.is_null()
+}
+
+#[tokio::test]
+async fn every_request_gets_exactly_one_record_with_every_field() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    let env = audited_env(
+        &path,
+        "",
+        "[rate_limit]\nrequests_per_second = 1000\nburst = 1000\n\
+         [rate_limit.overrides]\n\"app-u-3\" = { requests_per_second = 1, burst = 5 }",
+    )
+    .await;
+    let mut replies = Vec::new();
+    for i in 0..200 {
+        replies.push(mixed(&env, i).await);
+    }
+    let lines = records(&path, 200).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap().lines().count(),
+        200,
+        "exactly one record per request"
+    );
+    let mut statuses = std::collections::BTreeSet::new();
+    for (record, reply) in lines.iter().zip(&replies) {
+        let fields = record.as_object().unwrap();
+        assert_eq!(fields.len(), 15, "{record}");
+        assert_eq!(record["trace_id"], reply.header("x-traceid"), "{record}");
+        assert_eq!(record["status"], reply.status.as_u16(), "{record}");
+        statuses.insert(reply.status.as_u16());
+        let ts = record["ts"].as_str().unwrap();
+        assert!(
+            ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.',
+            "{ts}"
+        );
+        assert!(record["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(record["method"].is_string() && record["path"].is_string());
+        for key in ["principal", "user_id", "query", "code", "cache"] {
+            assert!(is_string_or_null(&record[key]), "{key}: {record}");
+        }
+        assert!(record["latency_ms"].as_f64().unwrap() >= 0.0);
+        let decision = record["decision"].as_str().unwrap();
+        match reply.status.as_u16() {
+            200 => {
+                assert!(record["code"].is_null());
+                assert_eq!(record["cache"], reply.header("x-cache"));
+                let expected = match reply.header("x-cache") {
+                    "HIT" => "cache_hit",
+                    _ => "forwarded",
+                };
+                assert_eq!(decision, expected, "{record}");
+                if decision == "forwarded" && record["upstream_status"].is_number() {
+                    assert_eq!(record["upstream_status"], 200);
+                    assert!(record["upstream_ms"].as_f64().unwrap() > 0.0);
+                }
+                assert!(record["principal"].is_string() && record["user_id"].is_string());
+            }
+            429 => {
+                assert_eq!(decision, "rate_limited");
+                assert_eq!(record["code"], "rate_limited");
+                assert_eq!(record["principal"], "app-u-3");
+            }
+            status => {
+                assert_eq!(decision, "rejected", "{record}");
+                assert_eq!(record["code"], reply.error().0.as_str(), "{record}");
+                assert!(record["upstream_status"].is_null() && record["upstream_ms"].is_null());
+                if status == 401 {
+                    assert!(record["principal"].is_null() && record["user_id"].is_null());
+                }
+            }
+        }
+    }
+    // Every kind of outcome was among them.
+    for status in [200, 400, 401, 403, 404, 405, 429] {
+        assert!(statuses.contains(&status), "no {status} in {statuses:?}");
+    }
+    // Never a credential.
+    let text = std::fs::read_to_string(&path).unwrap();
+    for user in ["u-1", "u-2", "u-3", "u-9"] {
+        assert!(!text.contains(&env.token(user)[..40]));
+    }
+    for (_, token) in crate::support::USERS {
+        assert!(!text.contains(token), "KooDrive token in the audit trail");
+    }
+    assert!(!text.contains("Bearer"));
+}
+
+#[tokio::test]
+async fn client_text_is_escaped_and_cannot_split_a_line() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    let env = audited_env(&path, "", "").await;
+    // Percent-encoded CR/LF, quotes and control characters; raw quotes and
+    // a raw U+2028 (bytes no HTTP client library would send).
+    let hostile: [&[u8]; 5] = [
+        b"/koodrive/ose/v1/jobs?offset=0&limit=1&q=%0D%0A%7B%22forged%22:1%7D",
+        b"/koodrive/ose/v1/jobs?offset=0&limit=1&x=%00%01%1F",
+        b"/koodrive/ose/v1/jobs?offset=\"0\"&limit=1&\"forged\":1",
+        b"/koodrive/ose/v1/jobs?offset=0&limit=1&z=\xe2\x80\xa8{\"forged\":1}",
+        b"/koodrive/ose/v1/\xe2\x80\xa9jobs?offset=0&limit=1",
+    ];
+    let token = env.token("u-1");
+    let mut accepted = Vec::new();
+    for (i, target) in hostile.iter().enumerate() {
+        let mut head = b"GET ".to_vec();
+        head.extend_from_slice(target);
+        head.extend_from_slice(
+            format!(
+                " HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\
+                 x-traceid: hostile-{i}\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let response = env.send_raw(&head).await;
+        // Refused by the HTTP parser (no record: it never reached the
+        // gateway), or a 400/404 from the gateway.
+        assert!(
+            response.starts_with("HTTP/1.1 400") || response.starts_with("HTTP/1.1 404"),
+            "{}: {response}",
+            String::from_utf8_lossy(target)
+        );
+        if response.contains(&format!("hostile-{i}")) {
+            accepted.push(*target);
+        }
+    }
+    // A trace id with characters it may not have is replaced, not kept.
+    let reply = get(&env, Some("u-1"), "GET", PATH, "bad\ttrace\"id").await;
+    assert_ne!(reply.header("x-traceid"), "bad\ttrace\"id");
+    let lines = records(&path, accepted.len() + 1).await;
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap().lines().count(),
+        accepted.len() + 1,
+        "one line each"
+    );
+    assert!(accepted.len() >= 2, "the encoded ones reach the gateway");
+    for (record, target) in lines.iter().zip(&accepted) {
+        let target = String::from_utf8_lossy(target);
+        let (path_part, query) = target.split_once('?').unwrap();
+        // Stored as sent, with anything that could break a line escaped.
+        let escaped = |s: &str| s.escape_debug().to_string();
+        assert_eq!(record["path"], escaped(path_part), "{record}");
+        assert_eq!(record["query"], escaped(query), "{record}");
+        assert!(record.get("forged").is_none());
+    }
+    let raw = std::fs::read_to_string(&path).unwrap();
+    assert!(!raw.contains('\u{2028}') && !raw.contains('\u{2029}') && !raw.contains('\r'));
+    assert_eq!(lines[accepted.len()]["trace_id"], reply.header("x-traceid"));
+}
+
+#[tokio::test]
+async fn rotation_keeps_files_small_and_lines_whole_and_reopen_follows_a_rename() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    let env = audited_env(&path, "max_file_bytes = 4096\nmax_files = 3", "").await;
+    for i in 0..1000 {
+        let reply = get(
+            &env,
+            Some(["u-1", "u-2"][i % 2]),
+            "GET",
+            PATH,
+            &format!("rot-{i}"),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    // The last record reached some file.
+    let mut found = false;
+    for _ in 0..250 {
+        if std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("\"rot-999\"")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(found, "the last record was written");
+    let mut files = vec![path.clone()];
+    for n in 1..=3 {
+        files.push(dir.path().join(format!("audit.log.{n}")));
+    }
+    assert!(
+        !dir.path().join("audit.log.4").exists(),
+        "more than max_files"
+    );
+    let mut longest_line = 0;
+    let mut sizes = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(text.ends_with('\n'), "{} ends mid-line", file.display());
+        for line in text.lines() {
+            serde_json::from_str::<Value>(line).unwrap();
+            longest_line = longest_line.max(line.len() + 1);
+        }
+        sizes.push(text.len());
+    }
+    for size in sizes {
+        assert!(size <= 4096 + longest_line, "a file of {size} bytes");
+    }
+
+    // logrotate's `create` mode: rename, then SIGHUP.
+    std::fs::rename(&path, dir.path().join("audit.log.external")).unwrap();
+    env.reloader.reload().await;
+    get(&env, Some("u-1"), "GET", PATH, "after-reopen").await;
+    let fresh = records(&path, 1).await;
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0]["trace_id"], "after-reopen");
+}
