@@ -68,13 +68,16 @@ fn every_numeric_key(pick: fn(&Bound) -> u64) -> Box<dyn FnOnce(String) -> Strin
         for bound in NUMERIC_KEYS {
             let (section, key) = bound.key.split_once('.').unwrap();
             let value = i64::try_from(pick(bound)).unwrap();
-            // Optional sections (`[rate_limit]`) are added.
-            table
+            // Optional sections (`[rate_limit]`, `[audit]`) are added.
+            let section = table
                 .entry(section)
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
                 .as_table_mut()
-                .unwrap()
-                .insert(key.into(), toml::Value::Integer(value));
+                .unwrap();
+            section.insert(key.into(), toml::Value::Integer(value));
+            if bound.key.starts_with("audit.") {
+                section.insert("path".into(), toml::Value::String("-".into()));
+            }
         }
         table.to_string()
     })
