@@ -10,13 +10,15 @@
 //! clock so tests can pause time. Concurrent identical misses share one
 //! upstream call, and a failed load is shared by its waiters, not stored.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -81,6 +83,16 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    /// The `cache_requests_total{result}` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Stale => "stale",
+        }
+    }
+
     /// The `X-Cache` value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,14 +130,17 @@ pub struct CacheStats {
     pub entries: u64,
 }
 
+/// The cache's counters: Prometheus counters, registered by
+/// [`ResponseCache::register`] (hits, misses, stale and bypasses are
+/// exported per request as `cache_requests_total{result}`).
 #[derive(Default)]
 struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
-    stale_served: AtomicU64,
-    bypasses: AtomicU64,
-    evictions: Arc<AtomicU64>,
+    hits: Counter,
+    misses: Counter,
+    coalesced: Counter,
+    stale_served: Counter,
+    bypasses: Counter,
+    evictions: Counter,
 }
 
 /// Why a shared load produced no entry to store.
@@ -159,8 +174,8 @@ impl std::fmt::Debug for ResponseCache {
 impl ResponseCache {
     /// A cache per `config`.
     pub fn new(config: &CacheConfig) -> ResponseCache {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let evicted = evictions.clone();
+        let counters = Counters::default();
+        let evicted = counters.evictions.clone();
         let entries = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
@@ -171,7 +186,7 @@ impl ResponseCache {
             .time_to_live(config.ttl + config.ttl_jitter + config.stale_if_error)
             .eviction_listener(move |_key, _value, cause| {
                 if cause == RemovalCause::Size {
-                    evicted.fetch_add(1, Ordering::Relaxed);
+                    evicted.inc();
                 }
             })
             .build();
@@ -181,11 +196,22 @@ impl ResponseCache {
             ttl_jitter: config.ttl_jitter,
             stale_if_error: config.stale_if_error,
             honor_client_no_cache: config.honor_client_no_cache,
-            counters: Counters {
-                evictions,
-                ..Counters::default()
-            },
+            counters,
         }
+    }
+
+    /// Registers the counters the per-request metrics do not cover.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cache_coalesced",
+            "Cache misses that shared another request's upstream call",
+            self.counters.coalesced.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Cache entries dropped to stay within cache.max_bytes",
+            self.counters.evictions.clone(),
+        );
     }
 
     /// Whether a request's `Cache-Control: no-cache` should bypass the cache.
@@ -209,7 +235,7 @@ impl ResponseCache {
         let now = Instant::now();
         let existing = self.entries.get(&key).await;
         if let Some(entry) = existing.as_ref().filter(|e| !bypass && now < e.fresh_until) {
-            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.hits.inc();
             return Ok(served(entry, CacheStatus::Hit, now));
         }
         let stale = existing.as_ref().filter(|e| now < e.stale_until).cloned();
@@ -218,7 +244,7 @@ impl ResponseCache {
         let stale_key = stale.as_ref().map(|_| key.clone());
 
         let outcome = if bypass {
-            self.counters.bypasses.fetch_add(1, Ordering::Relaxed);
+            self.counters.bypasses.inc();
             match load().await {
                 Ok(reply) if reply.storable => {
                     self.entries
@@ -244,7 +270,7 @@ impl ResponseCache {
                 age: None,
             }),
             (Err(error), Some(entry)) if error.is_upstream_failure() => {
-                self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                self.counters.stale_served.inc();
                 tracing::debug!(cause = %error, "serving a stale entry");
                 if let Some(key) = stale_key {
                     self.restore(key, entry.clone()).await;
@@ -280,7 +306,7 @@ impl ResponseCache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<UpstreamReply, GatewayError>>,
     {
-        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        self.counters.misses.inc();
         // Drop the expired entry so the load below runs, but only if it is
         // still the one this request saw (a fresh one may have arrived).
         if let Some(expired) = expired {
@@ -308,7 +334,7 @@ impl ResponseCache {
             })
             .await;
         if !ran.load(Ordering::Relaxed) {
-            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.counters.coalesced.inc();
         }
         match result {
             Ok(entry) => Ok(entry.body.clone()),
@@ -341,12 +367,12 @@ impl ResponseCache {
         self.entries.run_pending_tasks().await;
         let c = &self.counters;
         CacheStats {
-            hits: c.hits.load(Ordering::Relaxed),
-            misses: c.misses.load(Ordering::Relaxed),
-            coalesced: c.coalesced.load(Ordering::Relaxed),
-            stale_served: c.stale_served.load(Ordering::Relaxed),
-            bypasses: c.bypasses.load(Ordering::Relaxed),
-            evictions: c.evictions.load(Ordering::Relaxed),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            coalesced: c.coalesced.get(),
+            stale_served: c.stale_served.get(),
+            bypasses: c.bypasses.get(),
+            evictions: c.evictions.get(),
             bytes: self.entries.weighted_size(),
             entries: self.entries.entry_count(),
         }

@@ -18,6 +18,7 @@ pub(crate) mod error;
 pub(crate) mod http_client;
 pub(crate) mod jobs;
 pub(crate) mod language;
+pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod rate_limit;
 pub(crate) mod record;
@@ -41,6 +42,7 @@ use crate::cache::ResponseCache;
 use crate::config::{Config, JwksSource, Secrets, TokenConfig, TokenEndpoint, UpstreamTarget};
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
+use crate::metrics::RequestMetrics;
 use crate::pipeline::Pipeline;
 use crate::rate_limit::RateLimiter;
 use crate::server::admin::Readiness;
@@ -48,6 +50,8 @@ use crate::server::tls::{self, TlsError};
 use crate::server::Listeners;
 use crate::token::{TokenFileError, TokenSetupError, TokenSource};
 use crate::upstream::Upstream;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Why the gateway could not start. Every file is read before the port is
 /// bound, so a bad file never leaves a half-started process. Each message
@@ -245,7 +249,25 @@ impl Gateway {
             .map(|audit| Auditor::start(audit).map(Arc::new))
             .transpose()
             .map_err(StartError::Audit)?;
+        // Every component registers its own metrics once.
+        let mut registry = Registry::with_prefix(metrics::PREFIX);
+        keys.register(&mut registry);
+        tokens.register(&mut registry);
+        upstream.register(&mut registry);
+        if let Some(cache) = &cache {
+            cache.register(&mut registry);
+        }
+        if let Some(auditor) = &auditor {
+            auditor.register(&mut registry);
+        }
+        let connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Open client connections on the public listener",
+            connections.clone(),
+        );
         let pipeline = Pipeline::new(
+            RequestMetrics::new(&mut registry),
             auditor.clone(),
             Verifier::new(&config.auth, keys.clone()),
             limiter.clone(),
@@ -266,6 +288,7 @@ impl Gateway {
                 Readiness {
                     keys: keys.clone(),
                     audit: auditor.clone(),
+                    metrics: Arc::new(registry),
                 },
             )),
             None => None,
@@ -282,6 +305,7 @@ impl Gateway {
         Ok(Gateway {
             listeners: Listeners {
                 public,
+                connections,
                 tls: files.server_tls,
                 admin,
                 grace: config.server.shutdown_grace,

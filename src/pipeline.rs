@@ -21,6 +21,7 @@ use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Serv
 use crate::error::{GatewayError, InternalError};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
+use crate::metrics::RequestMetrics;
 use crate::rate_limit::RateLimiter;
 use crate::record::{Decision, QueryText, RequestRecord};
 use crate::server::ClientAddr;
@@ -31,6 +32,7 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
+    metrics: RequestMetrics,
     audit: Option<Arc<Auditor>>,
     verifier: Verifier,
     limiter: Option<Arc<RateLimiter>>,
@@ -42,6 +44,7 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// The pipeline over its components.
     pub(crate) fn new(
+        metrics: RequestMetrics,
         audit: Option<Arc<Auditor>>,
         verifier: Verifier,
         limiter: Option<Arc<RateLimiter>>,
@@ -50,6 +53,7 @@ impl Pipeline {
         cache: Option<Arc<ResponseCache>>,
     ) -> Pipeline {
         Pipeline {
+            metrics,
             audit,
             verifier,
             limiter,
@@ -123,6 +127,7 @@ impl Pipeline {
             limits.stamp(headers);
         }
         finished.log();
+        self.metrics.record(&finished);
         response
     }
 
@@ -329,6 +334,7 @@ pub(crate) mod tests {
             &crate::upstream::tests::config(),
         );
         Pipeline::new(
+            RequestMetrics::new(&mut Default::default()),
             None,
             Verifier::new(&auth, store),
             None,

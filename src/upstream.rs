@@ -12,6 +12,7 @@
 //! get a slot within `upstream.queue_timeout_ms` is shed (503), and a 429 or
 //! 503 with `Retry-After` pauses forwarding for that long.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::Full;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use time::macros::format_description;
 use time::OffsetDateTime;
@@ -69,6 +72,10 @@ pub(crate) struct Upstream {
     /// No request is sent before this (KooDrive's `Retry-After`), and the
     /// status that asked for it.
     paused: Arc<Mutex<Option<(Instant, StatusCode)>>>,
+    /// `upstream_in_flight`.
+    in_flight: Gauge,
+    /// `upstream_clock_skew_seconds`: KooDrive's `Date` minus this clock.
+    clock_skew: Gauge<f64, AtomicU64>,
 }
 
 impl Upstream {
@@ -88,7 +95,23 @@ impl Upstream {
             slots: Arc::new(Semaphore::new(config.max_concurrency)),
             queue_timeout: config.queue_timeout,
             paused: Arc::default(),
+            in_flight: Gauge::default(),
+            clock_skew: Gauge::default(),
         }
+    }
+
+    /// Registers the in-flight and clock-skew gauges.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "upstream_in_flight",
+            "Requests to KooDrive in flight",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "upstream_clock_skew_seconds",
+            "KooDrive's Date header minus the gateway's clock at the answer's midpoint (X-Date depends on it; 1 s resolution)",
+            self.clock_skew.clone(),
+        );
     }
 
     /// The pause KooDrive asked for, while it lasts.
@@ -147,7 +170,9 @@ impl Upstream {
             Err(error) => return Attempt::not_sent(error),
         };
         let sent = Instant::now();
+        self.in_flight.inc();
         let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body).await;
+        self.in_flight.dec();
         let latency = Some(sent.elapsed());
         let fetched = match fetched {
             Ok(fetched) => fetched,
@@ -167,6 +192,10 @@ impl Upstream {
                 };
             }
         };
+        if let (Some(skew), Some(latency)) = (clock_skew(&fetched.headers), latency) {
+            // The Date was stamped about halfway through the exchange.
+            self.clock_skew.set(skew + latency.as_secs_f64() / 2.0);
+        }
         // RFC 6585 §4 / RFC 9110 §15.6.4: KooDrive says when to come back.
         let status = fetched.status;
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
@@ -241,6 +270,14 @@ impl Attempt {
             result: Err(error),
         }
     }
+}
+
+/// KooDrive's `Date` (RFC 9110 §6.6.1) minus now, in seconds.
+fn clock_skew(headers: &http::HeaderMap) -> Option<f64> {
+    let value = headers.get(http::header::DATE)?.to_str().ok()?;
+    let date =
+        OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc2822).ok()?;
+    Some((date - OffsetDateTime::now_utc()).as_seconds_f64())
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3).

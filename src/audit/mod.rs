@@ -15,12 +15,17 @@
 mod record;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::oneshot;
+
+use crate::metrics::Outcome;
 
 use crate::config::{AuditConfig, Durability, OnAuditError};
 pub(crate) use record::audit_line;
@@ -40,12 +45,15 @@ enum Job {
     Close(oneshot::Sender<()>),
 }
 
-/// Counts of records by outcome (for metrics).
+/// `audit_records_total{outcome}`: written, dropped (failing open),
+/// rejected (failing closed: the request was refused).
 #[derive(Debug, Default)]
-pub(crate) struct AuditCounts {
-    pub written: AtomicU64,
-    pub dropped: AtomicU64,
-    pub rejected: AtomicU64,
+struct AuditCounts(Family<Outcome, Counter>);
+
+impl AuditCounts {
+    fn add(&self, outcome: &'static str, records: u64) {
+        self.0.get_or_create(&Outcome { outcome }).inc_by(records);
+    }
 }
 
 /// State shared by the request path and the writer.
@@ -129,7 +137,7 @@ impl Auditor {
             None
         };
         if permit.is_none() && self.on_error == OnAuditError::Reject {
-            self.shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+            self.shared.counts.add("rejected", 1);
             return None;
         }
         Some(Ticket {
@@ -146,10 +154,13 @@ impl Auditor {
         self.on_error == OnAuditError::Reject && !self.shared.healthy.load(Ordering::Acquire)
     }
 
-    /// The records' outcomes so far.
-    #[allow(dead_code)] // read by /metrics
-    pub(crate) fn counts(&self) -> &AuditCounts {
-        &self.shared.counts
+    /// Registers `audit_records_total{outcome}`.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "audit_records",
+            "Audit records by outcome (written, dropped, rejected)",
+            self.shared.counts.0.clone(),
+        );
     }
 
     /// Reopens the file at the configured path (after an external rename).
@@ -191,11 +202,11 @@ impl Ticket {
             // The writer could not write this record (and did not keep it).
             _ => match on_error {
                 OnAuditError::Continue => {
-                    shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                    shared.counts.add("dropped", 1);
                     Delivery::Dropped
                 }
                 OnAuditError::Reject => {
-                    shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
+                    shared.counts.add("rejected", 1);
                     Delivery::Refused
                 }
             },
@@ -215,7 +226,7 @@ impl Ticket {
                 Delivery::Accepted
             }
             None => {
-                self.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                self.shared.counts.add("dropped", 1);
                 Delivery::Dropped
             }
         }

@@ -242,10 +242,7 @@ impl Writer {
             let error = match self.output.write_lines(&lines, self.sync) {
                 Ok(()) => {
                     self.shared.healthy.store(true, Ordering::Release);
-                    self.shared
-                        .counts
-                        .written
-                        .fetch_add(batch.lines.len() as u64, Ordering::Relaxed);
+                    self.shared.counts.add("written", batch.lines.len() as u64);
                     for (_, ack) in batch.waiting.drain(..) {
                         let _ = ack.send(true);
                     }
@@ -258,10 +255,7 @@ impl Writer {
             }
             batch.refuse_waiting();
             if self.on_error == OnAuditError::Continue {
-                self.shared
-                    .counts
-                    .dropped
-                    .fetch_add(batch.lines.len() as u64, Ordering::Relaxed);
+                self.shared.counts.add("dropped", batch.lines.len() as u64);
                 return;
             }
             if close.is_some() {

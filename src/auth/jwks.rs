@@ -20,6 +20,10 @@ use tokio::time::Instant;
 use crate::cache_control;
 use crate::config::{AuthConfig, JwksSource};
 use crate::http_client::{self, FetchError, HttpsClient};
+use crate::metrics::Outcome;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 /// Largest JWKS document accepted from a URL.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -168,6 +172,8 @@ pub(crate) struct KeyStore {
     fetched: std::sync::Mutex<Fetched>,
     /// When the background refresh tries next.
     next_attempt: std::sync::Mutex<Option<Instant>>,
+    /// `jwks_refreshes_total{outcome}`: every load after the first.
+    refreshes: Family<Outcome, Counter>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -201,6 +207,7 @@ impl KeyStore {
                 max_age: None,
             }),
             next_attempt: std::sync::Mutex::new(None),
+            refreshes: Family::default(),
         });
         let first = match preloaded {
             Some(set) => Ok(set),
@@ -244,7 +251,9 @@ impl KeyStore {
             return self.current();
         }
         *last = Some(now);
-        match self.fetch().await {
+        let fetched = self.fetch().await;
+        self.count(fetched.is_ok());
+        match fetched {
             Ok(set) => self.replace(set),
             Err(error) => {
                 tracing::warn!(%error, "JWKS refetch failed; keeping the last good key set")
@@ -280,6 +289,21 @@ impl KeyStore {
             .map_or(self.min_refetch, |at| at.saturating_duration_since(now))
     }
 
+    /// Registers the refresh counter.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "jwks_refreshes",
+            "JWKS reloads after start-up (background and unknown kid) by outcome (ok, error)",
+            self.refreshes.clone(),
+        );
+    }
+
+    /// Counts a reload's outcome.
+    fn count(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.refreshes.get_or_create(&Outcome { outcome }).inc();
+    }
+
     /// Whether the key set can change without a restart, so that
     /// [`Self::keep_fresh`] is worth running (a URL; a file changes only
     /// when reloaded).
@@ -303,7 +327,9 @@ impl KeyStore {
             if retry.is_none() && self.next_refresh() > Instant::now() {
                 continue;
             }
-            match self.fetch().await {
+            let fetched = self.fetch().await;
+            self.count(fetched.is_ok());
+            match fetched {
                 Ok(set) => {
                     self.replace(set);
                     retry = None;

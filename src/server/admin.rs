@@ -14,6 +14,8 @@ use tokio::sync::watch;
 
 use crate::audit::Auditor;
 use crate::auth::KeyStore;
+use crate::metrics;
+use prometheus_client::registry::Registry;
 
 /// The gateway's components that readiness looks at.
 #[derive(Clone, Debug)]
@@ -21,6 +23,8 @@ pub(crate) struct Readiness {
     pub keys: Arc<KeyStore>,
     /// Failing closed, the gateway is not ready while its sink cannot write.
     pub audit: Option<Arc<Auditor>>,
+    /// What `/metrics` serves.
+    pub metrics: Arc<Registry>,
 }
 
 /// What the admin listener answers from.
@@ -70,6 +74,18 @@ impl Health {
         }
         Ok(match request.uri().path() {
             "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(metrics::encode(
+                    &self.readiness.metrics,
+                ))));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
             "/readyz" => match self.not_ready() {
                 None => json(StatusCode::OK, r#"{"status":"ready"}"#.into()),
                 Some(reason) => json(

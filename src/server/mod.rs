@@ -18,6 +18,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
@@ -62,6 +63,26 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_counted(listener, tls, service, shutdown, grace, None).await
+}
+
+/// [`serve`], keeping `connections` at the number of open client
+/// connections.
+async fn serve_counted<S, B>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    connections: Option<Gauge>,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let acceptor = tls.map(TlsAcceptor::from);
     let executor = CurrentSubscriberExecutor::current();
     let builder = http_builder(executor.clone());
@@ -89,7 +110,9 @@ pub async fn serve<S, B>(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
+        let open = connections.clone().map(OpenConnection::new);
         executor.spawn(async move {
+            let _open = open;
             let result = match acceptor {
                 Some(acceptor) => match handshake(&acceptor, stream).await {
                     Ok(tls) => {
@@ -121,6 +144,8 @@ pub async fn serve<S, B>(
 /// The gateway's listeners and what they serve.
 pub(crate) struct Listeners {
     pub public: TcpListener,
+    /// `open_connections` on the public listener.
+    pub connections: Gauge,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The admin listener and what readiness looks at.
     pub admin: Option<(TcpListener, admin::Readiness)>,
@@ -160,17 +185,34 @@ pub(crate) async fn run(
         let _ = draining.wait_for(|draining| *draining).await;
     };
     let service = hyper_util::service::TowerToHyperService::new(stack(pipeline));
-    serve(
+    serve_counted(
         listeners.public,
         listeners.tls,
         service,
         drain,
         listeners.grace,
+        Some(listeners.connections),
     )
     .await;
     let _ = admin_stop.send(());
     if let Some(admin) = admin {
         let _ = admin.await;
+    }
+}
+
+/// Counts one open connection while it lives.
+struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    fn new(gauge: Gauge) -> OpenConnection {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -18,6 +18,10 @@ use super::endpoint::{Issued, Subject, TokenEndpoint};
 use super::AccessToken;
 use crate::auth::{Authenticated, Principal};
 use crate::error::{GatewayError, InternalError, TokenFailure};
+use crate::metrics::Outcome;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 /// First back-off delay after a failed exchange.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -69,6 +73,10 @@ struct Backoff {
 
 struct Inner<E> {
     endpoint: E,
+    /// `token_exchanges_total{outcome}`: every call to the endpoint.
+    exchanges: Family<Outcome, Counter>,
+    /// `token_refreshes_total{outcome}`: background refreshes ahead of expiry.
+    refreshes: Family<Outcome, Counter>,
     entries: moka::future::Cache<Key, Arc<Cached>>,
     backoff: moka::sync::Cache<Key, Backoff>,
     margin: Duration,
@@ -85,6 +93,8 @@ impl<E: TokenEndpoint> TokenCache<E> {
         TokenCache {
             inner: Arc::new(Inner {
                 endpoint,
+                exchanges: Family::default(),
+                refreshes: Family::default(),
                 entries: moka::future::Cache::new(capacity),
                 backoff: moka::sync::Cache::new(capacity),
                 margin,
@@ -110,6 +120,20 @@ impl<E: TokenEndpoint> TokenCache<E> {
             .await
     }
 
+    /// Registers the exchange and refresh counters.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "token_exchanges",
+            "Calls to the token endpoint by outcome (ok, error)",
+            self.inner.exchanges.clone(),
+        );
+        registry.register(
+            "token_refreshes",
+            "Background token refreshes ahead of expiry by outcome (ok, error)",
+            self.inner.refreshes.clone(),
+        );
+    }
+
     /// Drops `refused` if it is still the cached token for this caller.
     pub async fn invalidate(&self, principal: &Principal, refused: &AccessToken) {
         let refused = refused.clone();
@@ -128,9 +152,14 @@ impl<E: TokenEndpoint> TokenCache<E> {
     fn spawn_refresh(&self, key: Key, subject: Subject, entry: Arc<Cached>) {
         let inner = self.inner.clone();
         let refresh = async move {
-            if let Err(error) = inner.obtain(key, &subject, Need::Fresh).await {
-                tracing::debug!(%error, "background token refresh failed; serving the cached token");
-            }
+            let outcome = match inner.obtain(key, &subject, Need::Fresh).await {
+                Ok(_) => "ok",
+                Err(error) => {
+                    tracing::debug!(%error, "background token refresh failed; serving the cached token");
+                    "error"
+                }
+            };
+            inner.refreshes.get_or_create(&Outcome { outcome }).inc();
             // On success the new entry has its own flag; on failure a later
             // request may try again once the back-off allows.
             entry.refreshing.store(false, Ordering::SeqCst);
@@ -181,7 +210,10 @@ impl<E: TokenEndpoint> Inner<E> {
                         cause: TokenFailure::BackingOff,
                     });
                 }
-                match self.endpoint.issue(subject).await {
+                let issued = self.endpoint.issue(subject).await;
+                let outcome = if issued.is_ok() { "ok" } else { "error" };
+                self.exchanges.get_or_create(&Outcome { outcome }).inc();
+                match issued {
                     Ok(issued) => {
                         self.backoff.invalidate(&key);
                         Ok(Op::Put(Arc::new(Cached::new(issued, Instant::now(), self.margin))))

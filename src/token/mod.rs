@@ -198,6 +198,13 @@ impl TokenSource {
         }
     }
 
+    /// Registers the exchange metrics (a static source has none).
+    pub(crate) fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        if let TokenSource::Exchange(cache) = self {
+            cache.register(registry);
+        }
+    }
+
     /// Whether a token KooDrive refused can be replaced by a fresh one.
     pub fn can_renew(&self) -> bool {
         matches!(self, TokenSource::Exchange(_))
