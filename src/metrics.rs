@@ -41,6 +41,16 @@ pub(crate) struct UpstreamStatus {
     pub status: String,
 }
 
+/// A `{outcome}` family with its outcomes present from the start (at 0),
+/// so that alerts see a zero rather than nothing.
+pub(crate) fn outcomes(outcomes: &[&'static str]) -> Family<Outcome, Counter> {
+    let family = Family::<Outcome, Counter>::default();
+    for outcome in outcomes {
+        let _ = family.get_or_create(&Outcome { outcome });
+    }
+    family
+}
+
 /// Latency buckets: 0.5 ms to about 16 s.
 pub(crate) fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))

@@ -47,8 +47,16 @@ enum Job {
 
 /// `audit_records_total{outcome}`: written, dropped (failing open),
 /// rejected (failing closed: the request was refused).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AuditCounts(Family<Outcome, Counter>);
+
+impl Default for AuditCounts {
+    fn default() -> Self {
+        AuditCounts(crate::metrics::outcomes(&[
+            "written", "dropped", "rejected",
+        ]))
+    }
+}
 
 impl AuditCounts {
     fn add(&self, outcome: &'static str, records: u64) {

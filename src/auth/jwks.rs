@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::cache_control;
 use crate::config::{AuthConfig, JwksSource};
 use crate::http_client::{self, FetchError, HttpsClient};
-use crate::metrics::Outcome;
+use crate::metrics::{outcomes, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -207,7 +207,7 @@ impl KeyStore {
                 max_age: None,
             }),
             next_attempt: std::sync::Mutex::new(None),
-            refreshes: Family::default(),
+            refreshes: outcomes(&["ok", "error"]),
         });
         let first = match preloaded {
             Some(set) => Ok(set),

@@ -18,7 +18,7 @@ use super::endpoint::{Issued, Subject, TokenEndpoint};
 use super::AccessToken;
 use crate::auth::{Authenticated, Principal};
 use crate::error::{GatewayError, InternalError, TokenFailure};
-use crate::metrics::Outcome;
+use crate::metrics::{outcomes, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -93,8 +93,8 @@ impl<E: TokenEndpoint> TokenCache<E> {
         TokenCache {
             inner: Arc::new(Inner {
                 endpoint,
-                exchanges: Family::default(),
-                refreshes: Family::default(),
+                exchanges: outcomes(&["ok", "error"]),
+                refreshes: outcomes(&["ok", "error"]),
                 entries: moka::future::Cache::new(capacity),
                 backoff: moka::sync::Cache::new(capacity),
                 margin,

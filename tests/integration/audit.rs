@@ -287,3 +287,119 @@ async fn rotation_keeps_files_small_and_lines_whole_and_reopen_follows_a_rename(
     assert_eq!(fresh.len(), 1);
     assert_eq!(fresh[0]["trace_id"], "after-reopen");
 }
+
+/// `audit_records_total{outcome}` from `/metrics`.
+async fn audit_count(env: &TestEnv, outcome: &str) -> u64 {
+    let text = env.admin_get("/metrics").await;
+    let prefix = format!("koodrive_gateway_audit_records_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix}in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn failing_closed_nothing_is_served_unaudited_and_writing_resumes_when_space_returns() {
+    let dir = TempDir::new().unwrap();
+    // The configured path is a link, as a mounted volume would be; it
+    // first leads to a device that is always full.
+    let path = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let env = audited_env(&path, "on_error = \"reject\"", "").await;
+    // The first record meets the full device; from then on the sink is
+    // known to fail and requests are refused before anything happens.
+    let first = get(&env, Some("u-1"), "GET", PATH, "full-0").await;
+    assert!(first.status == 200 || first.status == 503);
+    let mut refused = false;
+    for _ in 0..100 {
+        if env.admin_status("/readyz").await == 503 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "readiness turns false while the sink cannot write");
+    let upstream_before = env.emulator.jobs_requests();
+    for i in 1..=10 {
+        let reply = get(&env, Some("u-2"), "GET", PATH, &format!("full-{i}")).await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.error().0, "audit_unavailable");
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    assert_eq!(
+        env.emulator.jobs_requests(),
+        upstream_before,
+        "KooDrive is never asked for an unaudited request"
+    );
+    assert!(audit_count(&env, "rejected").await >= 10);
+
+    // Space returns: the link leads to a file again. The writer retries on
+    // its own and the kept record arrives; requests are served again.
+    let file = dir.path().join("audit-data.log");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&file, &path).unwrap();
+    let mut served = false;
+    for _ in 0..200 {
+        if env.admin_status("/readyz").await == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(served, "no restart needed");
+    let reply = get(&env, Some("u-2"), "GET", PATH, "after-space").await;
+    assert_eq!(reply.status, 200);
+    let lines = records(&file, 2).await;
+    assert!(lines.iter().any(|l| l["trace_id"] == "after-space"));
+    if first.status == 200 {
+        // Its response was released once queued: its record was kept.
+        assert!(lines.iter().any(|l| l["trace_id"] == "full-0"));
+    }
+}
+
+#[tokio::test]
+async fn failing_open_requests_are_served_and_every_lost_record_is_counted() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let env = audited_env(&path, "on_error = \"continue\"", "").await;
+    for i in 0..20 {
+        let reply = get(
+            &env,
+            Some("u-1"),
+            "GET",
+            &format!("/koodrive/ose/v1/jobs?offset={i}&limit=1"),
+            &format!("open-{i}"),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    let mut dropped = 0;
+    for _ in 0..100 {
+        dropped = audit_count(&env, "dropped").await;
+        if dropped == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dropped, 20, "every request's record is counted as dropped");
+    assert_eq!(audit_count(&env, "written").await, 0);
+    assert_eq!(env.emulator.jobs_requests(), 20);
+    assert_eq!(
+        env.admin_status("/readyz").await,
+        200,
+        "failing open stays ready"
+    );
+}
+
+#[tokio::test]
+async fn with_written_durability_a_failed_write_turns_the_response_into_503() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let env = audited_env(&path, "durability = \"written\"", "").await;
+    let reply = get(&env, Some("u-1"), "GET", PATH, "written-0").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error().0, "audit_unavailable");
+}

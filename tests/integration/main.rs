@@ -10,6 +10,7 @@ mod faults;
 mod forwarding;
 mod identity;
 mod lifecycle;
+mod metrics;
 mod protection;
 mod rate_limit;
 mod shared_limits;

@@ -271,6 +271,15 @@ impl TestEnv {
         }
     }
 
+    /// The body of `GET path` on the admin listener (plain HTTP).
+    pub async fn admin_get(&self, path: &str) -> String {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let uri = format!("http://{}{path}", self.admin);
+        let response = client.get(uri.parse().unwrap()).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     /// The status of `GET path` on the admin listener (plain HTTP).
     pub async fn admin_status(&self, path: &str) -> StatusCode {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
