@@ -11,43 +11,94 @@ pub(crate) const X_TRACEID: &str = "x-traceid";
 
 const MAX_LEN: usize = 64;
 
-/// A validated trace id: 1–64 characters of `[A-Za-z0-9_-]`.
+/// A validated trace id: 1–64 characters of `[A-Za-z0-9_-]`, and the W3C
+/// trace context the upstream request carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TraceId(String);
+pub struct TraceId {
+    id: String,
+    /// The W3C trace-id (32 lowercase hex): an inbound `traceparent`'s, else
+    /// the id itself when it has that form, else derived from it.
+    w3c: String,
+    /// The inbound `traceparent`'s flags (sampled), else `01`.
+    flags: String,
+}
+
+/// `traceparent`, W3C Trace Context §3.2.
+pub(crate) const TRACEPARENT: &str = "traceparent";
 
 impl TraceId {
     /// Picks the request's trace id from its headers, per DESIGN.md.
     pub fn from_headers(headers: &HeaderMap) -> TraceId {
+        let parent = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
         let inbound = headers
             .get(X_TRACEID)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| is_valid(v));
-        if let Some(id) = inbound {
-            return TraceId(id.to_owned());
-        }
-        headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(trace_id_of_traceparent)
-            .map(|id| TraceId(id.to_owned()))
-            .unwrap_or_else(TraceId::generate)
+            .filter(|v| is_valid(v))
+            .map(str::to_owned);
+        let id = inbound
+            .or_else(|| parent.map(|(trace, _)| trace.to_owned()))
+            .unwrap_or_else(|| TraceId::generate().id);
+        let (w3c, flags) = match parent {
+            Some((trace, flags)) => (trace.to_owned(), flags.to_owned()),
+            None => (w3c_trace_id(&id), "01".to_owned()),
+        };
+        TraceId { id, w3c, flags }
     }
 
     /// A fresh id: 32 lowercase hex digits, usable as a W3C trace-id.
     pub fn generate() -> TraceId {
         let value: u128 = rand::rng().random_range(1..=u128::MAX);
-        TraceId(format!("{value:032x}"))
+        let id = format!("{value:032x}");
+        TraceId {
+            w3c: id.clone(),
+            id,
+            flags: "01".to_owned(),
+        }
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.id
     }
 
     /// The id as a header value (always valid: the alphabet is restricted).
     pub fn header_value(&self) -> HeaderValue {
-        HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        HeaderValue::from_str(&self.id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
+
+    /// The W3C trace-id the upstream request carries.
+    pub fn w3c_trace_id(&self) -> &str {
+        &self.w3c
+    }
+
+    /// A `traceparent` for a call made on the request's behalf: its trace-id
+    /// and a new span id (W3C Trace Context §3.2).
+    pub fn child_traceparent(&self) -> HeaderValue {
+        let span: u64 = rand::rng().random_range(1..=u64::MAX);
+        HeaderValue::from_str(&format!("00-{}-{span:016x}-{}", self.w3c, self.flags))
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
+}
+
+/// The id itself when it is a valid W3C trace-id, else the first 16 bytes
+/// of its SHA-256 in hex: stable, so one request's calls share a trace.
+fn w3c_trace_id(id: &str) -> String {
+    let lower_hex = id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id.bytes().any(|b| b != b'0');
+    if lower_hex {
+        return id.to_owned();
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn is_valid(id: &str) -> bool {
@@ -57,10 +108,10 @@ fn is_valid(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The trace-id field of a `traceparent` (W3C Trace Context §3.2):
+/// The trace-id and flags of a `traceparent` (W3C Trace Context §3.2):
 /// `version-traceid-parentid-flags`, lowercase hex, trace-id not all zeros,
 /// version `ff` forbidden. Later versions may append fields.
-fn trace_id_of_traceparent(value: &str) -> Option<&str> {
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace_id, parent_id, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -77,7 +128,7 @@ fn trace_id_of_traceparent(value: &str) -> Option<&str> {
         && trace_id.bytes().any(|b| b != b'0')
         && parent_id.bytes().any(|b| b != b'0')
         && (version != "00" || parts.next().is_none());
-    well_formed.then_some(trace_id)
+    well_formed.then_some((trace_id, flags))
 }
 
 #[cfg(test)]
@@ -146,6 +197,36 @@ mod tests {
             let id = TraceId::from_headers(&headers(&[("traceparent", bad)]));
             assert!(!bad.contains(id.as_str()), "{bad} bridged");
         }
+    }
+
+    #[test]
+    fn the_upstream_traceparent_keeps_the_trace_and_makes_a_new_span() {
+        let inbound = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let id =
+            TraceId::from_headers(&headers(&[("x-traceid", "mine"), ("traceparent", inbound)]));
+        let child = id.child_traceparent();
+        let child = child.to_str().unwrap();
+        assert_eq!(
+            parse_traceparent(child),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00"))
+        );
+        assert_ne!(child, inbound);
+        // Without one: the generated id is the trace-id; a custom id is
+        // hashed into one, the same every time.
+        let generated = TraceId::from_headers(&HeaderMap::new());
+        let child = generated.child_traceparent();
+        assert_eq!(
+            parse_traceparent(child.to_str().unwrap()),
+            Some((generated.as_str(), "01"))
+        );
+        let custom = TraceId::from_headers(&headers(&[("x-traceid", "order-77")]));
+        let w3c = custom.w3c_trace_id().to_owned();
+        assert_eq!(w3c.len(), 32);
+        assert_eq!(
+            TraceId::from_headers(&headers(&[("x-traceid", "order-77")])).w3c_trace_id(),
+            w3c
+        );
+        assert!(parse_traceparent(custom.child_traceparent().to_str().unwrap()).is_some());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::http_client::{self, FetchError, HttpsClient};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::{Language, LANGUAGE};
 use crate::token::AccessToken;
-use crate::trace_id::{TraceId, X_TRACEID};
+use crate::trace_id::{TraceId, TRACEPARENT, X_TRACEID};
 
 /// `X-User-Id`: the KooDrive user the request acts for.
 pub(crate) const X_USER_ID: &str = "x-user-id";
@@ -232,6 +232,11 @@ impl Upstream {
         headers.insert(
             HeaderName::from_static(X_TRACEID),
             forward.trace_id.header_value(),
+        );
+        // W3C Trace Context: the request's trace, a span of this call.
+        headers.insert(
+            HeaderName::from_static(TRACEPARENT),
+            forward.trace_id.child_traceparent(),
         );
         headers.insert(
             HeaderName::from_static(LANGUAGE),

@@ -229,3 +229,34 @@ async fn user_without_koodrive_credentials_gets_403() {
     assert_eq!(reply.error().0, "user_not_provisioned");
     assert_eq!(env.emulator.jobs_requests(), 0);
 }
+
+#[tokio::test]
+async fn the_upstream_gets_a_traceparent_with_the_requests_trace() {
+    let env = TestEnv::start().await;
+    let path = format!("{JOBS}?offset=0&limit=1");
+    // No trace context inbound: the generated trace id is the W3C trace-id.
+    let reply = env.get_as("u-1", &path).await;
+    let trace_id = reply.header("x-traceid").to_owned();
+    let seen = env.emulator.last_request().unwrap();
+    let parent = seen.headers["traceparent"].to_str().unwrap().to_owned();
+    let parts: Vec<&str> = parent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{parent}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", trace_id.as_str(), "01")
+    );
+    assert!(parts[2].len() == 16 && parts[2] != "0000000000000000");
+
+    // An inbound traceparent keeps its trace-id and flags; the span is new.
+    let inbound = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    env.get_with("u-1", &path, &[("traceparent", inbound)])
+        .await;
+    let seen = env.emulator.last_request().unwrap();
+    let parent = seen.headers["traceparent"].to_str().unwrap();
+    assert!(
+        parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{parent}"
+    );
+    assert!(parent.ends_with("-00"), "{parent}");
+    assert_ne!(parent, inbound);
+}
