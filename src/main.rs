@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use koodrive_gateway::config::{Config, FileConfig, TokenConfig, DEFAULT_CONFIG_PATH};
+use koodrive_gateway::config::{Config, FileConfig, LogFormat, TokenConfig, DEFAULT_CONFIG_PATH};
 use koodrive_gateway::emulator::Emulator;
 use koodrive_gateway::server::tls::install_default_providers;
 use koodrive_gateway::token::TokenSource;
@@ -72,10 +72,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
     install_default_providers();
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.config).await,
+    let command = cli.command.unwrap_or(Command::Serve);
+    // `serve` logs as its config says (`log.format`), unless `--log-json`.
+    if !matches!(command, Command::Serve) {
+        init_tracing(cli.log_json);
+    }
+    let result = match command {
+        Command::Serve => serve(&cli.config, cli.log_json).await,
         Command::CheckConfig { skip_files } => check_config(&cli.config, skip_files).await,
         Command::Emulator {
             listen,
@@ -128,8 +132,9 @@ fn load(path: &Path) -> Result<(Config, FileConfig)> {
     Ok(Config::load(path)?)
 }
 
-async fn serve(path: &Path) -> Result<()> {
+async fn serve(path: &Path, log_json: bool) -> Result<()> {
     let (config, _) = load(path)?;
+    init_tracing(log_json || config.log.format == LogFormat::Json);
     let gateway = Gateway::build(&config).await?;
     let addr = gateway.local_addr()?;
     let scheme = if gateway.is_tls() { "https" } else { "http" };

@@ -9,6 +9,7 @@ mod bounds;
 mod cache;
 mod defaults;
 mod error;
+mod log;
 mod rate_limit;
 mod server;
 mod token;
@@ -26,6 +27,7 @@ pub use auth::{AuthConfig, FileAuth, JwksSource};
 pub use bounds::{Bound, NUMERIC_KEYS};
 pub use cache::{CacheConfig, FileCache};
 pub use error::{ConfigError, Origin};
+pub use log::{LogConfig, LogFormat};
 pub use rate_limit::{
     FileQuota, FileRateLimit, OnBackendError, Quota, RateLimitConfig, SharedLimit,
 };
@@ -58,6 +60,8 @@ pub struct FileConfig {
     pub rate_limit: Option<FileRateLimit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<FileAudit>,
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// The validated configuration the gateway is built from.
@@ -73,6 +77,7 @@ pub struct Config {
     pub rate_limit: Option<RateLimitConfig>,
     /// `None` when the section is absent: no audit trail.
     pub audit: Option<AuditConfig>,
+    pub log: LogConfig,
 }
 
 /// A secret value whose `Debug` never shows it.
@@ -179,6 +184,7 @@ impl Config {
                 .map(FileRateLimit::validate)
                 .transpose()?,
             audit: file.audit.as_ref().map(FileAudit::validate).transpose()?,
+            log: file.log.clone(),
             upstream,
         })
     }

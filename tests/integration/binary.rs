@@ -321,3 +321,38 @@ async fn start_errors_name_the_key_and_the_file_or_address() {
     }
     drop(taken);
 }
+
+#[tokio::test]
+async fn log_format_json_in_the_config_gives_json_lines() {
+    let dir = workdir();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            let message = value["message"].as_str().unwrap_or_default();
+            if message.starts_with("listening on https://") {
+                return value;
+            }
+        }
+        panic!("the gateway did not start");
+    })
+    .await
+    .unwrap();
+    // Fields at the top level, not under `fields`.
+    assert!(listening["addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    child.kill().await.unwrap();
+}
