@@ -5,6 +5,8 @@
 #
 #   bench/run.sh [DURATION_SECONDS] [CONNECTIONS]
 #
+# Rows: cache off/on, rate limiting (in process, Redis), audit trail (file,
+# failing closed) at each durability (queued, written, fsynced).
 # Needs wrk (Debian: apt-get install wrk) and, for the shared rate-limit
 # row, redis-server. Everything listens on loopback; every load runs for a
 # bounded time and then stops.
@@ -89,13 +91,17 @@ x_date=$(date -u +%Y%m%dT%H%M%SZ)
 measure direct -H "Authorization: Bearer $token" -H "X-User-Id: $user" -H "X-Date: $x_date" \
   "http://127.0.0.1:$emulator_port$path"
 
-labels=(gateway-cache-off gateway-cache-on gateway-ratelimit-local)
+labels=(gateway-cache-off gateway-cache-on gateway-ratelimit-local gateway-audit-queued gateway-audit-written gateway-audit-fsynced)
 [ -n "$redis_pid" ] && labels+=(gateway-ratelimit-redis)
 for label in "${labels[@]}"; do
   case $label in
     gateway-cache-off) write_config 0 "" ;;
     gateway-cache-on) write_config 5000 "" ;;
     gateway-ratelimit-local) write_config 0 "$limits" ;;
+    gateway-audit-*) write_config 0 "[audit]
+path = \"$work/audit-$label.log\"
+on_error = \"reject\"
+durability = \"${label#gateway-audit-}\"" ;;
     gateway-ratelimit-redis) write_config 0 "$limits
 redis_url = \"redis://127.0.0.1:$redis_port\"
 redis_timeout_ms = 1000" ;;

@@ -230,3 +230,58 @@ async fn metrics_parse_name_everything_and_count_the_traffic() {
     }
     assert!(!text.contains(&env.token("u-1")[..40]));
 }
+
+#[tokio::test]
+async fn no_secret_appears_in_logs_audit_metrics_or_bodies() {
+    let dir = TempDir::new().unwrap();
+    let audit = dir.path().join("audit.log");
+    let env = TestEnv::start_with(Options {
+        exchange: true,
+        sections: format!("[audit]\npath = \"{}\"\n", audit.display()),
+        ..Options::default()
+    })
+    .await;
+    let jwt = env.token("u-1");
+    let mut bodies = Vec::new();
+    for path in [PATH, "/koodrive/ose/v1/jobs?offset=0&limit=101", "/nope"] {
+        bodies.push(env.get_bearer(&jwt, path).await.body);
+    }
+    let koodrive_token = env.emulator.last_request().unwrap().headers["authorization"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    // A refused token and a failing token endpoint, for the error paths.
+    env.emulator.revoke(&koodrive_token);
+    bodies.push(env.get_bearer(&jwt, PATH).await.body);
+    let audit_text = {
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&audit).unwrap_or_default();
+            if text.lines().count() >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        text
+    };
+    let everything = [
+        env.log(),
+        audit_text,
+        env.admin_get("/metrics").await,
+        bodies
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ];
+    assert!(everything[1].lines().count() >= 4, "the audit trail was written");
+    for (what, text) in ["log", "audit", "metrics", "bodies"].iter().zip(&everything) {
+        for secret in [jwt.as_str(), koodrive_token.as_str(), CLIENT_SECRET] {
+            assert!(!text.contains(secret), "a secret in the {what}");
+        }
+        // Not even the JWT's signature part.
+        let signature = jwt.rsplit('.').next().unwrap();
+        assert!(!text.contains(signature), "the JWT signature in the {what}");
+    }
+}
