@@ -23,6 +23,7 @@ pub(crate) mod pipeline;
 pub(crate) mod rate_limit;
 pub(crate) mod record;
 pub mod server;
+pub mod telemetry;
 #[cfg(test)]
 mod test_log;
 pub mod token;
@@ -266,6 +267,7 @@ impl Gateway {
             "Open client connections on the public listener",
             connections.clone(),
         );
+        let traced = config.telemetry.otlp_traces_url.is_some();
         let pipeline = Pipeline::new(
             RequestMetrics::new(&mut registry),
             auditor.clone(),
@@ -310,7 +312,7 @@ impl Gateway {
                 admin,
                 grace: config.server.shutdown_grace,
             },
-            pipeline: Arc::new(pipeline),
+            pipeline: Arc::new(pipeline.traced(traced)),
             auditor,
             emulator,
             tasks,

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use koodrive_gateway::config::{Config, FileConfig, LogFormat, TokenConfig, DEFAULT_CONFIG_PATH};
 use koodrive_gateway::emulator::Emulator;
 use koodrive_gateway::server::tls::install_default_providers;
+use koodrive_gateway::telemetry::Telemetry;
 use koodrive_gateway::token::TokenSource;
 use koodrive_gateway::{devcerts, Gateway};
 
@@ -112,18 +113,27 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn init_tracing(json: bool) {
+    init_tracing_with(json, None);
+}
+
+/// Logs to stderr (text or JSON) at `RUST_LOG`'s level (default `info`),
+/// and exports spans when telemetry is on.
+fn init_tracing_with(json: bool, telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let spans = telemetry.map(|t| t.layer());
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter).with(spans);
     if json {
         // Event fields at the top level of each line (`status`, `trace_id`,
         // …), not nested under `fields`.
-        builder.json().flatten_event(true).init();
+        registry.with(lines.json().flatten_event(true)).init();
     } else {
-        builder.init();
+        registry.with(lines).init();
     }
 }
 
@@ -134,7 +144,11 @@ fn load(path: &Path) -> Result<(Config, FileConfig)> {
 
 async fn serve(path: &Path, log_json: bool) -> Result<()> {
     let (config, _) = load(path)?;
-    init_tracing(log_json || config.log.format == LogFormat::Json);
+    let telemetry = Telemetry::start(&config.telemetry)?;
+    init_tracing_with(
+        log_json || config.log.format == LogFormat::Json,
+        telemetry.as_ref(),
+    );
     let gateway = Gateway::build(&config).await?;
     let addr = gateway.local_addr()?;
     let scheme = if gateway.is_tls() { "https" } else { "http" };
@@ -147,6 +161,10 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
     tokio::spawn(reload_on_sighup(gateway.reloader()));
     gateway.run(shutdown_signal()).await;
+    if let Some(telemetry) = telemetry {
+        // Export what is buffered before exit (blocking: off the runtime).
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

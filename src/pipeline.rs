@@ -32,6 +32,9 @@ use crate::upstream::{Forward, Upstream, UpstreamReply};
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
+    /// Whether spans are exported (`[telemetry]`): only then do requests
+    /// join their W3C trace.
+    traced: bool,
     metrics: RequestMetrics,
     audit: Option<Arc<Auditor>>,
     verifier: Verifier,
@@ -53,6 +56,7 @@ impl Pipeline {
         cache: Option<Arc<ResponseCache>>,
     ) -> Pipeline {
         Pipeline {
+            traced: false,
             metrics,
             audit,
             verifier,
@@ -61,6 +65,12 @@ impl Pipeline {
             upstream,
             cache,
         }
+    }
+
+    /// Exports each request's spans into its W3C trace.
+    pub(crate) fn traced(mut self, traced: bool) -> Pipeline {
+        self.traced = traced;
+        self
     }
 
     /// The response cache, when enabled.
@@ -83,6 +93,9 @@ impl Pipeline {
         // Logs written while the request is handled (token exchange, JWKS
         // refetch) carry its trace id.
         let span = tracing::info_span!("request", trace_id = %trace_id.as_str());
+        if self.traced {
+            crate::telemetry::join_trace(&span, &trace_id);
+        }
         // The audit record's place first: failing closed, a request whose
         // record could not be kept is refused before anything happens.
         let admitted = match &self.audit {
@@ -206,7 +219,11 @@ impl Pipeline {
         record: &mut RequestRecord,
     ) -> Result<UpstreamReply, GatewayError> {
         // Token after validation: a bad request never costs a token exchange.
-        let token = self.tokens.token_for(caller).await?;
+        let token = self
+            .tokens
+            .token_for(caller)
+            .instrument(tracing::info_span!("token"))
+            .await?;
         let send = |token| Forward {
             query,
             user_id: &caller.principal.user_id,
@@ -230,7 +247,11 @@ impl Pipeline {
         forward: &Forward<'_>,
         record: &mut RequestRecord,
     ) -> Result<UpstreamReply, GatewayError> {
-        let attempt = self.upstream.fetch_jobs(forward).await;
+        let attempt = self
+            .upstream
+            .fetch_jobs(forward)
+            .instrument(tracing::info_span!("upstream"))
+            .await;
         if let Some(latency) = attempt.latency {
             record.upstream_called(attempt.status, latency);
         }

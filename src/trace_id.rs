@@ -21,6 +21,8 @@ pub struct TraceId {
     w3c: String,
     /// The inbound `traceparent`'s flags (sampled), else `01`.
     flags: String,
+    /// The inbound `traceparent`'s parent-id: the caller's span.
+    parent: Option<String>,
 }
 
 /// `traceparent`, W3C Trace Context §3.2.
@@ -39,13 +41,20 @@ impl TraceId {
             .filter(|v| is_valid(v))
             .map(str::to_owned);
         let id = inbound
-            .or_else(|| parent.map(|(trace, _)| trace.to_owned()))
+            .or_else(|| parent.map(|(trace, ..)| trace.to_owned()))
             .unwrap_or_else(|| TraceId::generate().id);
-        let (w3c, flags) = match parent {
-            Some((trace, flags)) => (trace.to_owned(), flags.to_owned()),
-            None => (w3c_trace_id(&id), "01".to_owned()),
+        let (w3c, flags, parent) = match parent {
+            Some((trace, flags, span)) => {
+                (trace.to_owned(), flags.to_owned(), Some(span.to_owned()))
+            }
+            None => (w3c_trace_id(&id), "01".to_owned(), None),
         };
-        TraceId { id, w3c, flags }
+        TraceId {
+            id,
+            w3c,
+            flags,
+            parent,
+        }
     }
 
     /// A fresh id: 32 lowercase hex digits, usable as a W3C trace-id.
@@ -56,6 +65,7 @@ impl TraceId {
             w3c: id.clone(),
             id,
             flags: "01".to_owned(),
+            parent: None,
         }
     }
 
@@ -72,6 +82,11 @@ impl TraceId {
     /// The W3C trace-id the upstream request carries.
     pub fn w3c_trace_id(&self) -> &str {
         &self.w3c
+    }
+
+    /// The caller's span id, from an inbound `traceparent`.
+    pub fn w3c_parent_span(&self) -> Option<&str> {
+        self.parent.as_deref()
     }
 
     /// A `traceparent` for a call made on the request's behalf: its trace-id
@@ -111,7 +126,7 @@ fn is_valid(id: &str) -> bool {
 /// The trace-id and flags of a `traceparent` (W3C Trace Context §3.2):
 /// `version-traceid-parentid-flags`, lowercase hex, trace-id not all zeros,
 /// version `ff` forbidden. Later versions may append fields.
-fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+fn parse_traceparent(value: &str) -> Option<(&str, &str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace_id, parent_id, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -128,7 +143,7 @@ fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
         && trace_id.bytes().any(|b| b != b'0')
         && parent_id.bytes().any(|b| b != b'0')
         && (version != "00" || parts.next().is_none());
-    well_formed.then_some((trace_id, flags))
+    well_formed.then_some((trace_id, flags, parent_id))
 }
 
 #[cfg(test)]
@@ -206,19 +221,16 @@ mod tests {
             TraceId::from_headers(&headers(&[("x-traceid", "mine"), ("traceparent", inbound)]));
         let child = id.child_traceparent();
         let child = child.to_str().unwrap();
-        assert_eq!(
-            parse_traceparent(child),
-            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00"))
-        );
+        let (trace, flags, _) = parse_traceparent(child).unwrap();
+        assert_eq!((trace, flags), ("4bf92f3577b34da6a3ce929d0e0e4736", "00"));
+        assert_eq!(id.w3c_parent_span(), Some("00f067aa0ba902b7"));
         assert_ne!(child, inbound);
         // Without one: the generated id is the trace-id; a custom id is
         // hashed into one, the same every time.
         let generated = TraceId::from_headers(&HeaderMap::new());
         let child = generated.child_traceparent();
-        assert_eq!(
-            parse_traceparent(child.to_str().unwrap()),
-            Some((generated.as_str(), "01"))
-        );
+        let (trace, flags, _) = parse_traceparent(child.to_str().unwrap()).unwrap();
+        assert_eq!((trace, flags), (generated.as_str(), "01"));
         let custom = TraceId::from_headers(&headers(&[("x-traceid", "order-77")]));
         let w3c = custom.w3c_trace_id().to_owned();
         assert_eq!(w3c.len(), 32);

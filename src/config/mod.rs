@@ -12,6 +12,7 @@ mod error;
 mod log;
 mod rate_limit;
 mod server;
+mod telemetry;
 mod token;
 mod upstream;
 
@@ -32,6 +33,7 @@ pub use rate_limit::{
     FileQuota, FileRateLimit, OnBackendError, Quota, RateLimitConfig, SharedLimit,
 };
 pub use server::{FileServer, ServerConfig, TlsFiles};
+pub use telemetry::{FileTelemetry, TelemetryConfig};
 pub use token::{
     ExchangeConfig, FileExchangeToken, FileStaticToken, FileToken, Grant, TokenConfig,
     TokenEndpoint,
@@ -62,6 +64,8 @@ pub struct FileConfig {
     pub audit: Option<FileAudit>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub telemetry: FileTelemetry,
 }
 
 /// The validated configuration the gateway is built from.
@@ -78,6 +82,7 @@ pub struct Config {
     /// `None` when the section is absent: no audit trail.
     pub audit: Option<AuditConfig>,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// A secret value whose `Debug` never shows it.
@@ -185,6 +190,7 @@ impl Config {
                 .transpose()?,
             audit: file.audit.as_ref().map(FileAudit::validate).transpose()?,
             log: file.log.clone(),
+            telemetry: file.telemetry.validate()?,
             upstream,
         })
     }

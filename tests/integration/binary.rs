@@ -356,3 +356,120 @@ async fn log_format_json_in_the_config_gives_json_lines() {
         .starts_with("127.0.0.1:"));
     child.kill().await.unwrap();
 }
+
+/// A minimal OTLP/HTTP receiver: records every body POSTed to it.
+async fn otlp_receiver() -> (
+    String,
+    Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = received.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let store = store.clone();
+            async move {
+                let path = request.uri().path().to_owned();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                store.lock().unwrap().push((path, body.to_vec()));
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    bytes::Bytes::new(),
+                )))
+            }
+        });
+    tokio::spawn(koodrive_gateway::server::serve(
+        listener,
+        None,
+        service,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_millis(100),
+    ));
+    (url, received, stop)
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
+    let (otlp, received, _stop) = otlp_receiver().await;
+    let dir = workdir();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__TELEMETRY__OTLP_ENDPOINT", &otlp)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("the gateway did not start");
+    })
+    .await
+    .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let jwt = String::from_utf8(
+        run(dir.path(), &["dev-token", "--user", "u-7"])
+            .await
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let client = crate::support::client(&dir.path().join("certs/dev/ca.crt"), Version::HTTP_11);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let request = Request::get(format!(
+        "https://localhost:{port}/koodrive/ose/v1/jobs?offset=0&limit=2"
+    ))
+    .header("authorization", format!("Bearer {jwt}"))
+    .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+    .body(Full::default())
+    .unwrap();
+    assert_eq!(client.request(request).await.unwrap().status(), 200);
+
+    // A graceful stop flushes the batch.
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let received = received.lock().unwrap().clone();
+    assert!(!received.is_empty(), "no spans arrived");
+    assert!(received.iter().all(|(path, _)| path == "/v1/traces"));
+    let bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let all: Vec<u8> = received.iter().flat_map(|(_, body)| body.clone()).collect();
+    assert!(
+        all.windows(16).any(|w| w == bytes.as_slice()),
+        "the request's trace id is not in the exported spans"
+    );
+    for name in [&b"request"[..], b"token", b"upstream"] {
+        assert!(
+            all.windows(name.len()).any(|w| w == name),
+            "no `{}` span",
+            String::from_utf8_lossy(name)
+        );
+    }
+    // Nothing secret travels with the spans.
+    assert!(!all.windows(jwt.len()).any(|w| w == jwt.as_bytes()));
+}

@@ -275,8 +275,14 @@ async fn no_secret_appears_in_logs_audit_metrics_or_bodies() {
             .collect::<Vec<_>>()
             .join("\n"),
     ];
-    assert!(everything[1].lines().count() >= 4, "the audit trail was written");
-    for (what, text) in ["log", "audit", "metrics", "bodies"].iter().zip(&everything) {
+    assert!(
+        everything[1].lines().count() >= 4,
+        "the audit trail was written"
+    );
+    for (what, text) in ["log", "audit", "metrics", "bodies"]
+        .iter()
+        .zip(&everything)
+    {
         for secret in [jwt.as_str(), koodrive_token.as_str(), CLIENT_SECRET] {
             assert!(!text.contains(secret), "a secret in the {what}");
         }
