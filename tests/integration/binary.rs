@@ -473,3 +473,92 @@ async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
     // Nothing secret travels with the spans.
     assert!(!all.windows(jwt.len()).any(|w| w == jwt.as_bytes()));
 }
+
+#[tokio::test]
+async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
+    let dir = workdir();
+    let audit = dir.path().join("audit.log");
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__AUDIT__PATH", &audit)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("the gateway did not start");
+    })
+    .await
+    .unwrap();
+    let reloaded = Arc::new(tokio::sync::Notify::new());
+    let notify = reloaded.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("reloaded") {
+                notify.notify_one();
+            }
+        }
+    });
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let client = crate::support::client(&dir.path().join("certs/dev/ca.crt"), Version::HTTP_11);
+    let get = |trace: &'static str| {
+        Request::get(format!(
+            "https://localhost:{port}/koodrive/ose/v1/jobs?offset=0&limit=1"
+        ))
+        .header("x-traceid", trace)
+        .body(Full::default())
+        .unwrap()
+    };
+    assert_eq!(
+        client.request(get("before-hup")).await.unwrap().status(),
+        401
+    );
+    let wait_for = |path: std::path::PathBuf, trace: &'static str| async move {
+        for _ in 0..200 {
+            if std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains(trace)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{trace} not in {}", path.display());
+    };
+    wait_for(audit.clone(), "before-hup").await;
+
+    // logrotate's `create` mode: rename, then SIGHUP.
+    let rotated = dir.path().join("audit.log.rotated");
+    std::fs::rename(&audit, &rotated).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    tokio::time::timeout(Duration::from_secs(10), reloaded.notified())
+        .await
+        .expect("the reload was logged");
+    assert_eq!(
+        client.request(get("after-hup")).await.unwrap().status(),
+        401
+    );
+    wait_for(audit.clone(), "after-hup").await;
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("after-hup"));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+}
