@@ -70,7 +70,31 @@ struct Shared {
     /// False while the sink fails; true again once a write succeeds.
     healthy: AtomicBool,
     counts: AuditCounts,
+    /// When a failing sink may next be probed with a request's record.
+    next_probe: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+impl Shared {
+    /// Whether a probe is due now (and, if so, schedules the next one).
+    fn probe_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut next = self.next_probe.lock().unwrap_or_else(|p| p.into_inner());
+        match *next {
+            Some(at) if now < at => false,
+            _ => {
+                *next = Some(now + PROBE_EVERY);
+                true
+            }
+        }
+    }
+}
+
+/// How often a failing, fail-closed, waiting sink is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The longest a response waits for its record to be written (a hung
+/// sink — a stalled pipe, a hung network file system — must not hold
+/// requests for ever); past it the record counts as not written.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// The gateway's audit trail.
 pub(crate) struct Auditor {
@@ -125,6 +149,7 @@ impl Auditor {
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
             counts: AuditCounts::default(),
+            next_probe: std::sync::Mutex::new(None),
         });
         writer::spawn(config, receiver, shared.clone())?;
         Ok(Auditor {
@@ -139,7 +164,19 @@ impl Auditor {
     /// request (failing closed while the queue is full or the sink fails).
     pub(crate) fn admit(&self) -> Option<Ticket> {
         let healthy = self.shared.healthy.load(Ordering::Acquire);
-        let permit = if healthy {
+        // While the sink fails, which records still go to the writer: all
+        // of them failing open (a success is how the sink is seen to be
+        // back); failing closed with a waiting durability, one a second as
+        // a probe (its response waits for the write, so nothing is served
+        // unaudited); failing closed with `queued`, none — the writer
+        // retries the records it kept and recovers by itself.
+        let try_writer = healthy
+            || match (self.on_error, self.durability) {
+                (OnAuditError::Continue, _) => true,
+                (OnAuditError::Reject, Durability::Queued) => false,
+                (OnAuditError::Reject, _) => self.shared.probe_due(),
+            };
+        let permit = if try_writer {
             self.sender.clone().try_reserve_owned().ok()
         } else {
             None
@@ -205,8 +242,8 @@ impl Ticket {
         let Some(receipt) = receipt else {
             return Delivery::Accepted;
         };
-        match receipt.await {
-            Ok(true) => Delivery::Accepted,
+        match tokio::time::timeout(WRITE_WAIT, receipt).await {
+            Ok(Ok(true)) => Delivery::Accepted,
             // The writer could not write this record (and did not keep it).
             _ => match on_error {
                 OnAuditError::Continue => {

@@ -84,15 +84,18 @@ impl Output {
         Ok(())
     }
 
-    /// Appends whole lines; a line never spans two files.
-    fn write_lines(&mut self, lines: &[&[u8]], sync: bool) -> io::Result<()> {
+    /// Appends whole lines; a line never spans two files. On failure,
+    /// says how many leading lines were written (and the rest is not in
+    /// the file: a torn write is cut back, so a retry cannot duplicate or
+    /// half-write a line).
+    fn write_lines(&mut self, lines: &[&[u8]], sync: bool) -> Result<(), (usize, io::Error)> {
         match self {
             Output::Stdout => {
                 let mut out = io::stdout().lock();
                 for line in lines {
-                    out.write_all(line)?;
+                    out.write_all(line).map_err(|e| (0, e))?;
                 }
-                out.flush()
+                out.flush().map_err(|e| (0, e))
             }
             Output::File {
                 path,
@@ -102,36 +105,51 @@ impl Output {
                 max_files,
             } => {
                 let mut pending: Vec<u8> = Vec::new();
-                for line in lines {
+                let mut first_pending = 0;
+                for (index, line) in lines.iter().enumerate() {
                     let len = line.len() as u64;
                     if max_bytes.is_some_and(|max| *size > 0 && *size + len > max) {
-                        flush(file, &mut pending, sync)?;
-                        rotate(path, *max_files)?;
-                        let (opened, length) = open(path)?;
+                        commit(file, &mut pending, sync, size).map_err(|e| (first_pending, e))?;
+                        first_pending = index;
+                        rotate(path, *max_files).map_err(|e| (index, e))?;
+                        let (opened, length) = open(path).map_err(|e| (index, e))?;
                         *file = Some(opened);
                         *size = length;
                     }
                     pending.extend_from_slice(line);
                     *size += len;
                 }
-                flush(file, &mut pending, sync)
+                commit(file, &mut pending, sync, size).map_err(|e| (first_pending, e))
             }
         }
     }
 }
 
-fn flush(file: &mut Option<File>, pending: &mut Vec<u8>, sync: bool) -> io::Result<()> {
-    let file = file
-        .as_mut()
-        .ok_or_else(|| io::Error::other("audit file is not open"))?;
-    if !pending.is_empty() {
-        file.write_all(pending)?;
-        pending.clear();
+/// Writes `pending` (already counted in `size`) and syncs if asked. On
+/// failure the file is cut back to where `pending` began.
+fn commit(
+    file: &mut Option<File>,
+    pending: &mut Vec<u8>,
+    sync: bool,
+    size: &mut u64,
+) -> io::Result<()> {
+    let start = size.saturating_sub(pending.len() as u64);
+    let result = match file.as_mut() {
+        None => Err(io::Error::other("audit file is not open")),
+        Some(file) => {
+            file.write_all(pending)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
+        }
+    };
+    pending.clear();
+    if result.is_err() {
+        if let Some(file) = file.as_mut() {
+            // Not possible on every sink (a device); best effort.
+            let _ = file.set_len(start);
+        }
+        *size = start;
     }
-    if sync {
-        file.sync_data()?;
-    }
-    Ok(())
+    result
 }
 
 /// `<path>.N-1` → `<path>.N` … `<path>` → `<path>.1`; the oldest beyond
@@ -242,16 +260,18 @@ impl Writer {
             let error = match self.output.write_lines(&lines, self.sync) {
                 Ok(()) => {
                     self.shared.healthy.store(true, Ordering::Release);
-                    self.shared.counts.add("written", batch.lines.len() as u64);
-                    for (_, ack) in batch.waiting.drain(..) {
-                        let _ = ack.send(true);
-                    }
+                    self.written(&mut batch, usize::MAX);
                     return;
                 }
-                Err(error) => error,
+                Err((written, error)) => {
+                    // The leading lines that made it are done.
+                    self.written(&mut batch, written);
+                    error
+                }
             };
             if self.shared.healthy.swap(false, Ordering::AcqRel) {
                 tracing::error!(%error, on_error = ?self.on_error, "the audit sink cannot write");
+                self.shared.probe_due();
             }
             batch.refuse_waiting();
             if self.on_error == OnAuditError::Continue {
@@ -274,6 +294,27 @@ impl Writer {
                 batch.refuse_waiting();
             }
             let _ = self.output.reopen();
+        }
+    }
+}
+
+impl Writer {
+    /// Counts and acknowledges the first `count` lines of the batch as
+    /// written and removes them.
+    fn written(&self, batch: &mut Batch, count: usize) {
+        let count = count.min(batch.lines.len());
+        if count == 0 {
+            return;
+        }
+        self.shared.counts.add("written", count as u64);
+        batch.lines.drain(..count);
+        let waiting = std::mem::take(&mut batch.waiting);
+        for (index, ack) in waiting {
+            if index < count {
+                let _ = ack.send(true);
+            } else {
+                batch.waiting.push((index - count, ack));
+            }
         }
     }
 }

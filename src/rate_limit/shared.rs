@@ -45,13 +45,22 @@ const BREAKER_FIRST: Duration = Duration::from_millis(250);
 const BREAKER_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
-struct Breaker {
+pub(super) struct Breaker {
     /// Consecutive failures.
     failures: u32,
     /// No calls before this, except one probe after it.
     open_until: Option<Instant>,
     /// A probe is running.
     probing: bool,
+}
+
+/// Clears the breaker's probe flag however the probe ends.
+struct ProbeGuard<'a>(&'a Mutex<Breaker>);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
+    }
 }
 
 /// The Redis-backed limiter.
@@ -84,6 +93,9 @@ impl SharedLimiter {
     /// is asked again (for `Retry-After`).
     pub(super) async fn check(&self, principal: &str, quota: Quota) -> Result<Verdict, Duration> {
         let probe = self.admit_call()?;
+        // A probe whose request is dropped mid-way (client gone) must not
+        // leave the breaker waiting for it for ever.
+        let _probing = probe.then(|| ProbeGuard(&self.breaker));
         let result = tokio::time::timeout(self.timeout, self.run(principal, quota)).await;
         match result {
             Ok(Ok(verdict)) => {
@@ -182,5 +194,45 @@ impl SharedLimiter {
         breaker.open_until = Some(Instant::now() + open_for);
         breaker.probing = false;
         open_for
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OnBackendError;
+    use std::num::NonZeroU32;
+
+    #[tokio::test]
+    async fn a_cancelled_probe_does_not_wedge_the_breaker() {
+        // Nothing listens on this port: every call fails fast.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let limiter = SharedLimiter::new(&SharedLimit {
+            url: format!("redis://127.0.0.1:{port}"),
+            timeout: Duration::from_millis(200),
+            on_error: OnBackendError::Deny,
+        })
+        .unwrap();
+        let quota = Quota {
+            per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+        };
+        assert!(limiter.check("p", quota).await.is_err());
+        // Open: wait until a probe is due, then start one and drop it.
+        tokio::time::sleep(BREAKER_FIRST).await;
+        let probe = limiter.check("p", quota);
+        drop(probe);
+        {
+            let mut cancelled = Box::pin(limiter.check("p", quota));
+            let _ = futures_util::poll!(cancelled.as_mut());
+        }
+        assert!(
+            !limiter.breaker.lock().unwrap().probing,
+            "probe flag left set"
+        );
     }
 }

@@ -87,6 +87,9 @@ async fn serve_counted<S, B>(
     let executor = CurrentSubscriberExecutor::current();
     let builder = http_builder(executor.clone());
     let graceful = GracefulShutdown::new();
+    // Past the drain deadline every connection still open is closed: its
+    // in-flight requests end as abandoned (and are recorded as such).
+    let (closing, closed) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -111,23 +114,30 @@ async fn serve_counted<S, B>(
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         let open = connections.clone().map(OpenConnection::new);
+        let mut closed = closed.clone();
         executor.spawn(async move {
             let _open = open;
-            let result = match acceptor {
-                Some(acceptor) => match handshake(&acceptor, stream).await {
-                    Ok(tls) => {
-                        let conn = builder.serve_connection(TokioIo::new(tls), service);
+            let serving = async {
+                match acceptor {
+                    Some(acceptor) => match handshake(&acceptor, stream).await {
+                        Ok(tls) => {
+                            let conn = builder.serve_connection(TokioIo::new(tls), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Err(error) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                    },
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                },
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
                 }
+            };
+            let result = tokio::select! {
+                result = serving => result,
+                _ = closed.wait_for(|closed| *closed) => return,
             };
             if let Err(error) = result {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
@@ -135,9 +145,16 @@ async fn serve_counted<S, B>(
         });
     }
     drop(listener);
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => tracing::warn!("drain deadline passed; closing remaining connections"),
+        () = &mut drained => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("drain deadline passed; closing remaining connections");
+            let _ = closing.send(true);
+            // The closed connections let go of their requests now.
+            let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::Version;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -402,4 +403,39 @@ async fn with_written_durability_a_failed_write_turns_the_response_into_503() {
     let reply = get(&env, Some("u-1"), "GET", PATH, "written-0").await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.error().0, "audit_unavailable");
+}
+
+#[tokio::test]
+async fn past_the_drain_deadline_open_requests_are_closed_and_still_audited() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("audit.log");
+    // The harness drains for 100 ms; KooDrive takes 3 s.
+    let env = audited_env(&path, "", "").await;
+    env.emulator
+        .set_fault(koodrive_gateway::emulator::Fault::Latency(
+            Duration::from_secs(3),
+        ));
+    let slow = get(&env, Some("u-1"), "GET", PATH, "cut-short");
+    let stop = async {
+        for _ in 0..300 {
+            if env.emulator.jobs_requests() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        env.shutdown();
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(2),
+        futures_util::future::join(std::panic::AssertUnwindSafe(slow).catch_unwind(), stop),
+    )
+    .await;
+    // The connection was closed long before KooDrive would have answered.
+    assert!(outcome.is_ok(), "the request outlived the drain deadline");
+    let lines = records(&path, 1).await;
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["trace_id"], "cut-short");
+    assert_eq!(lines[0]["status"], 499);
+    assert_eq!(lines[0]["decision"], "abandoned");
+    assert_eq!(lines[0]["code"], "client_closed_request");
 }

@@ -14,7 +14,7 @@ use crate::support::{client, JwksServer, Options, TestEnv};
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_reports_not_ready() {
-    let mut env = TestEnv::start().await;
+    let env = TestEnv::start().await;
     env.emulator
         .set_fault(Fault::Latency(Duration::from_millis(500)));
     let request = Request::get(format!(

@@ -100,7 +100,7 @@ pub struct TestEnv {
     /// connections instead of paying a handshake each.
     h1: HttpsClient,
     h2: HttpsClient,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// A response read to the end.
@@ -255,7 +255,7 @@ impl TestEnv {
             reloader,
             h1: client(&certs.join(devcerts::CA_CERT), Version::HTTP_11),
             h2: client(&certs.join(devcerts::CA_CERT), Version::HTTP_2),
-            shutdown: Some(shutdown),
+            shutdown: Mutex::new(Some(shutdown)),
         }
     }
 
@@ -265,8 +265,8 @@ impl TestEnv {
     }
 
     /// Sends the gateway its shutdown signal (as SIGTERM does).
-    pub fn shutdown(&mut self) {
-        if let Some(signal) = self.shutdown.take() {
+    pub fn shutdown(&self) {
+        if let Some(signal) = self.shutdown.lock().unwrap().take() {
             let _ = signal.send(());
         }
     }
