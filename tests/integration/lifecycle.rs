@@ -14,7 +14,14 @@ use crate::support::{client, JwksServer, Options, TestEnv};
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_reports_not_ready() {
-    let env = TestEnv::start().await;
+    // In-flight requests get 5 s to finish (the harness's default is 100 ms).
+    let env = TestEnv::start_with(Options {
+        edit_config: Some(Box::new(|toml| {
+            toml.replace("shutdown_grace_ms = 100", "shutdown_grace_ms = 5000")
+        })),
+        ..Options::default()
+    })
+    .await;
     env.emulator
         .set_fault(Fault::Latency(Duration::from_millis(500)));
     let request = Request::get(format!(
