@@ -123,7 +123,7 @@ impl RequestMetrics {
         self.requests
             .get_or_create(&ResponseLabels {
                 status: finished.status.as_u16(),
-                code: finished.code().unwrap_or_default(),
+                code: code_label(finished),
             })
             .inc();
         self.duration.observe(finished.latency.as_secs_f64());
@@ -153,6 +153,17 @@ impl RequestMetrics {
                 .inc();
             self.upstream_duration.observe(call.latency.as_secs_f64());
         }
+    }
+}
+
+/// The `code` label: the gateway's own codes as they are; KooDrive's own
+/// codes (passed through in bodies) as `koodrive`, so the label's values
+/// stay a fixed set whatever KooDrive sends.
+fn code_label(finished: &Finished<'_>) -> String {
+    use crate::error::GatewayError as E;
+    match &finished.error {
+        Some(E::UpstreamRejectedRequest { .. } | E::UpstreamFailed { .. }) => "koodrive".into(),
+        _ => finished.code().unwrap_or_default(),
     }
 }
 

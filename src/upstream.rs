@@ -170,9 +170,10 @@ impl Upstream {
             Err(error) => return Attempt::not_sent(error),
         };
         let sent = Instant::now();
-        self.in_flight.inc();
+        // Counted down however the call ends (a dropped request included).
+        let in_flight = InFlight::enter(&self.in_flight);
         let fetched = http_client::fetch(&self.client, request, self.timeout, self.max_body).await;
-        self.in_flight.dec();
+        drop(in_flight);
         let latency = Some(sent.elapsed());
         let fetched = match fetched {
             Ok(fetched) => fetched,
@@ -253,6 +254,22 @@ impl Upstream {
             header(&x_date(OffsetDateTime::now_utc()))?,
         );
         Ok(request)
+    }
+}
+
+/// One call in `upstream_in_flight` while it lives.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> InFlight<'a> {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -369,7 +386,7 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
         200 => {
             let parsed: KooDriveSuccess = serde_json::from_slice(&body)
                 .map_err(|_| bad(BadResponse::NotSuccessShape(code)))?;
-            let code = parsed.code.into_string();
+            let code = clean_code(parsed.code.into_string());
             if code == "0" {
                 Ok(body)
             } else {
@@ -381,7 +398,7 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
         }
         400 => Err(error_body()
             .map(|e| GatewayError::UpstreamRejectedRequest {
-                code: e.code.into_string(),
+                code: clean_code(e.code.into_string()),
                 msg: clean_msg(&e.msg),
             })
             .unwrap_or(bad(BadResponse::UnparseableErrorBody(code)))),
@@ -393,12 +410,23 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
         }),
         500..=599 => Err(error_body()
             .map(|e| GatewayError::UpstreamFailed {
-                code: e.code.into_string(),
+                code: clean_code(e.code.into_string()),
                 msg: clean_msg(&e.msg),
             })
             .unwrap_or(bad(BadResponse::UnparseableErrorBody(code)))),
         _ => Err(bad(BadResponse::UnexpectedStatus(code))),
     }
+}
+
+/// KooDrive's code passed to the client: printable, at most 64 characters.
+fn clean_code(code: String) -> String {
+    if code.len() <= 64 && code.chars().all(|c| c.is_ascii_graphic()) {
+        return code;
+    }
+    code.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
 }
 
 /// Upstream text passed to the client: printable, bounded.
@@ -548,6 +576,18 @@ pub(crate) mod tests {
         assert_eq!(err.render().code, "upstream_credentials_rejected");
         let err = run(403, "").unwrap_err();
         assert_eq!(err.render().code, "upstream_credentials_rejected");
+    }
+
+    #[test]
+    fn upstream_codes_are_bounded_and_printable() {
+        let long = format!(r#"{{"code":"{}\n\u0001","msg":"m"}}"#, "K".repeat(500));
+        match run(500, &long) {
+            Err(GatewayError::UpstreamFailed { code, .. }) => {
+                assert_eq!(code.len(), 64);
+                assert!(code.chars().all(|c| c.is_ascii_graphic()));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

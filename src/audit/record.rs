@@ -21,6 +21,10 @@ struct AuditRecord<'a> {
     code: Option<String>,
     decision: &'static str,
     cache: Option<&'static str>,
+    /// How the rate limiter decided (an extension of DESIGN.md's fields):
+    /// `admitted`, `limited`, `fallback_admitted`, `fallback_limited`,
+    /// `backend_unavailable`, or null without `[rate_limit]`.
+    rate_limit: Option<&'static str>,
     upstream_status: Option<u16>,
     upstream_ms: Option<f64>,
     latency_ms: f64,
@@ -52,6 +56,7 @@ pub(crate) fn audit_line(finished: &Finished<'_>) -> Vec<u8> {
         code: finished.code(),
         decision: finished.decision.as_str(),
         cache: r.cache.map(|c| c.as_str()),
+        rate_limit: r.rate_limit.map(|o| o.as_str()),
         upstream_status: r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
         upstream_ms: r.upstream.map(|u| crate::record::millis(u.latency)),
         latency_ms: crate::record::millis(finished.latency),

@@ -73,13 +73,23 @@ pub struct RateLimitConfig {
     pub shared: Option<SharedLimit>,
 }
 
-/// The Redis backend.
-#[derive(Clone, Debug)]
+/// The Redis backend. Its `Debug` never shows the URL's password.
+#[derive(Clone)]
 pub struct SharedLimit {
     pub url: String,
     /// Per decision, connecting included.
     pub timeout: Duration,
     pub on_error: OnBackendError,
+}
+
+impl std::fmt::Debug for SharedLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimit")
+            .field("url", &redact(&self.url))
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
 }
 
 impl FileRateLimit {
@@ -288,5 +298,11 @@ mod tests {
         assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact("redis://u:s3cret@h"), "redis://u:***@h");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        let shared = SharedLimit {
+            url: "redis://:s3cret@h:6379".into(),
+            timeout: Duration::from_millis(50),
+            on_error: OnBackendError::Allow,
+        };
+        assert!(!format!("{shared:?}").contains("s3cret"));
     }
 }

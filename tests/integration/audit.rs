@@ -105,7 +105,7 @@ async fn every_request_gets_exactly_one_record_with_every_field() {
     let mut statuses = std::collections::BTreeSet::new();
     for (record, reply) in lines.iter().zip(&replies) {
         let fields = record.as_object().unwrap();
-        assert_eq!(fields.len(), 15, "{record}");
+        assert_eq!(fields.len(), 16, "{record}");
         assert_eq!(record["trace_id"], reply.header("x-traceid"), "{record}");
         assert_eq!(record["status"], reply.status.as_u16(), "{record}");
         statuses.insert(reply.status.as_u16());
@@ -116,7 +116,14 @@ async fn every_request_gets_exactly_one_record_with_every_field() {
         );
         assert!(record["client"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(record["method"].is_string() && record["path"].is_string());
-        for key in ["principal", "user_id", "query", "code", "cache"] {
+        for key in [
+            "principal",
+            "user_id",
+            "query",
+            "code",
+            "cache",
+            "rate_limit",
+        ] {
             assert!(is_string_or_null(&record[key]), "{key}: {record}");
         }
         assert!(record["latency_ms"].as_f64().unwrap() >= 0.0);
@@ -138,6 +145,7 @@ async fn every_request_gets_exactly_one_record_with_every_field() {
             }
             429 => {
                 assert_eq!(decision, "rate_limited");
+                assert_eq!(record["rate_limit"], "limited");
                 assert_eq!(record["code"], "rate_limited");
                 assert_eq!(record["principal"], "app-u-3");
             }
@@ -313,7 +321,7 @@ async fn failing_closed_nothing_is_served_unaudited_and_writing_resumes_when_spa
     let first = get(&env, Some("u-1"), "GET", PATH, "full-0").await;
     assert!(first.status == 200 || first.status == 503);
     let mut refused = false;
-    for _ in 0..100 {
+    for _ in 0..500 {
         if env.admin_status("/readyz").await == 503 {
             refused = true;
             break;
@@ -341,7 +349,7 @@ async fn failing_closed_nothing_is_served_unaudited_and_writing_resumes_when_spa
     std::fs::remove_file(&path).unwrap();
     std::os::unix::fs::symlink(&file, &path).unwrap();
     let mut served = false;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if env.admin_status("/readyz").await == 200 {
             served = true;
             break;
@@ -377,7 +385,7 @@ async fn failing_open_requests_are_served_and_every_lost_record_is_counted() {
         assert_eq!(reply.status, 200);
     }
     let mut dropped = 0;
-    for _ in 0..100 {
+    for _ in 0..500 {
         dropped = audit_count(&env, "dropped").await;
         if dropped == 20 {
             break;

@@ -35,8 +35,12 @@ fn outcome(env: &TestEnv, trace_id: &str) -> String {
 #[tokio::test]
 async fn two_replicas_spend_one_budget() {
     let redis = RedisServer::start().await;
-    let limits = "requests_per_second = 1\nburst = 10";
+    // Generous timeout and "deny": a slow Redis on a loaded machine must
+    // not fall back to the local budgets, which would double the count.
+    let limits =
+        "requests_per_second = 1\nburst = 10\nredis_timeout_ms = 2000\non_backend_error = \"deny\"";
     let (a, b) = (replica(&redis, limits).await, replica(&redis, limits).await);
+    let started = std::time::Instant::now();
     let mut admitted = 0;
     for i in 0..30 {
         let env = if i % 2 == 0 { &a } else { &b };
@@ -53,8 +57,12 @@ async fn two_replicas_spend_one_budget() {
             other => panic!("unexpected {other}"),
         }
     }
-    // 10 at once, and at most one more if a second passed meanwhile.
-    assert!((10..=11).contains(&admitted), "{admitted} admitted, not 10");
+    // 10 at once, plus one per second that passed meanwhile.
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (10..=10 + refilled).contains(&admitted),
+        "{admitted} admitted, not 10 (+{refilled})"
+    );
     assert!(a.emulator.jobs_requests() > 0 && b.emulator.jobs_requests() > 0);
     // The budget lives in Redis, keyed by the principal.
     let mut redis_connection = redis.connection().await.unwrap();
@@ -143,8 +151,9 @@ async fn a_paused_redis_never_holds_a_request_longer_than_the_timeout() {
             let reply = env.get_as("u-3", PATH).await;
             let took = started.elapsed();
             assert_eq!(reply.status, expected);
-            // The timeout plus a margin for TLS, the emulator and a busy CI.
-            assert!(took < Duration::from_millis(100 + 400), "took {took:?}");
+            // The timeout plus a margin for TLS, the emulator and a busy CI;
+            // far below the 3 s pause, so nothing waited for Redis.
+            assert!(took < Duration::from_millis(100 + 1400), "took {took:?}");
         }
     }
 }
