@@ -230,6 +230,7 @@ impl Pipeline {
             token,
             trace_id,
             language,
+            traced: self.traced,
         };
         match self.send(&send(&token), record).await {
             Err(GatewayError::UpstreamCredentialsRejected { .. }) if self.tokens.can_renew() => {

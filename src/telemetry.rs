@@ -65,6 +65,23 @@ impl Telemetry {
     }
 }
 
+/// The `traceparent` of the current (exported) span, when there is one.
+pub(crate) fn current_traceparent() -> Option<http::HeaderValue> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span = span.span_context();
+    if !span.is_valid() {
+        return None;
+    }
+    http::HeaderValue::from_str(&format!(
+        "00-{}-{}-{:02x}",
+        span.trace_id(),
+        span.span_id(),
+        span.trace_flags().to_u8()
+    ))
+    .ok()
+}
+
 /// Makes `span` part of the request's W3C trace: its parent is the
 /// caller's span (from `traceparent`) or a root of the request's trace-id.
 pub(crate) fn join_trace(span: &tracing::Span, trace_id: &TraceId) {
@@ -75,10 +92,11 @@ pub(crate) fn join_trace(span: &tracing::Span, trace_id: &TraceId) {
         .w3c_parent_span()
         .and_then(|hex| SpanId::from_hex(hex).ok())
         .unwrap_or_else(|| SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes()));
+    // The caller's sampling decision is kept (flags from `traceparent`).
     let context = SpanContext::new(
         trace,
         parent,
-        TraceFlags::SAMPLED,
+        TraceFlags::new(trace_id.w3c_flags()),
         true,
         TraceState::default(),
     );

@@ -84,6 +84,11 @@ impl TraceId {
         &self.w3c
     }
 
+    /// The trace flags (`01`: sampled) as a byte.
+    pub fn w3c_flags(&self) -> u8 {
+        u8::from_str_radix(&self.flags, 16).unwrap_or(1)
+    }
+
     /// The caller's span id, from an inbound `traceparent`.
     pub fn w3c_parent_span(&self) -> Option<&str> {
         self.parent.as_deref()

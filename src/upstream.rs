@@ -57,6 +57,9 @@ pub(crate) struct Forward<'a> {
     pub token: &'a AccessToken,
     pub trace_id: &'a TraceId,
     pub language: &'a Language,
+    /// Spans are exported: `traceparent` names the exported `upstream`
+    /// span, so KooDrive's own spans attach to it.
+    pub traced: bool,
 }
 
 /// The KooDrive upstream: base URL, pooled client, limits.
@@ -235,10 +238,12 @@ impl Upstream {
             forward.trace_id.header_value(),
         );
         // W3C Trace Context: the request's trace, a span of this call.
-        headers.insert(
-            HeaderName::from_static(TRACEPARENT),
-            forward.trace_id.child_traceparent(),
-        );
+        let traceparent = forward
+            .traced
+            .then(crate::telemetry::current_traceparent)
+            .flatten()
+            .unwrap_or_else(|| forward.trace_id.child_traceparent());
+        headers.insert(HeaderName::from_static(TRACEPARENT), traceparent);
         headers.insert(
             HeaderName::from_static(LANGUAGE),
             header(forward.language.as_str())?,
