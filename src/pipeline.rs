@@ -331,6 +331,11 @@ pub(crate) mod tests {
 
     /// A pipeline whose upstream is never reached by these tests.
     async fn pipeline() -> Pipeline {
+        pipeline_auditing(None).await
+    }
+
+    /// The same, writing its audit trail with `auditor`.
+    async fn pipeline_auditing(auditor: Option<Arc<Auditor>>) -> Pipeline {
         crate::server::tls::install_default_providers();
         let client = crate::http_client::build(crate::server::tls::client_config(None).unwrap());
         let auth = AuthConfig {
@@ -357,13 +362,45 @@ pub(crate) mod tests {
         );
         Pipeline::new(
             RequestMetrics::new(&mut Default::default()),
-            None,
+            auditor,
             Verifier::new(&auth, store),
             None,
             TokenSource::Static(Default::default()),
             upstream,
             None,
         )
+    }
+
+    #[tokio::test]
+    async fn a_panic_gets_its_audit_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let config = crate::config::AuditConfig {
+            sink: crate::config::AuditSink::File(path.clone()),
+            on_error: crate::config::OnAuditError::Reject,
+            max_file_bytes: None,
+            max_files: 1,
+            queue_records: 16,
+            durability: crate::config::Durability::Written,
+        };
+        let auditor = Arc::new(Auditor::start(&config).unwrap());
+        let pipeline = pipeline_auditing(Some(auditor)).await;
+        let mut request = request(Method::GET, PANIC_PATH);
+        request
+            .headers_mut()
+            .insert(X_TRACEID, HeaderValue::from_static("panic-audited"));
+        let (dispatch, _log) = crate::test_log::CapturedLog::start();
+        let response = pipeline.handle(request).with_subscriber(dispatch).await;
+        assert_eq!(response.status(), 500);
+        // `written` durability: the record is in the file once the
+        // response is out.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let record: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(record["trace_id"], "panic-audited");
+        assert_eq!(record["status"], 500);
+        assert_eq!(record["code"], "internal_error");
+        assert_eq!(record["decision"], "rejected");
     }
 
     #[tokio::test]

@@ -16,6 +16,19 @@ impl CapturedLog {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
+        // Unit tests run in parallel, and tracing keeps one global notion of
+        // which call sites and levels are enabled: with a subscriber of its
+        // own coming and going per test, a call site could be judged
+        // disabled in between. A global subscriber that enables everything
+        // (and writes nowhere) keeps every call site alive.
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let everything = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(std::io::sink)
+                .finish();
+            let _ = tracing::subscriber::set_global_default(everything);
+        });
         (tracing::Dispatch::new(subscriber), log)
     }
 

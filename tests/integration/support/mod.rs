@@ -427,6 +427,18 @@ struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
 impl LogCapture {
     fn dispatch(&self) -> tracing::Dispatch {
+        // Tests run in parallel, each gateway with a subscriber of its own,
+        // and tracing keeps one global notion of which call sites and levels
+        // are enabled: a global subscriber that enables everything (and
+        // writes nowhere) keeps every call site alive in between.
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let everything = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(std::io::sink)
+                .finish();
+            let _ = tracing::subscriber::set_global_default(everything);
+        });
         let buffer = self.clone();
         tracing::Dispatch::new(
             tracing_subscriber::fmt()
