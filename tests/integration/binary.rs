@@ -357,6 +357,39 @@ async fn log_format_json_in_the_config_gives_json_lines() {
     child.kill().await.unwrap();
 }
 
+type StderrLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// Starts `serve` on the demo config in `dir`, on ephemeral ports, with the
+/// extra environment `env`; returns the process, its public address and the
+/// rest of its log lines.
+async fn start_serve(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String, StderrLines) {
+    let mut child = Command::new(BIN)
+        .current_dir(dir)
+        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("the gateway did not start");
+    })
+    .await
+    .unwrap();
+    (child, addr, lines)
+}
+
 /// A minimal OTLP/HTTP receiver: records every body POSTed to it.
 async fn otlp_receiver() -> (
     String,
@@ -396,27 +429,11 @@ async fn otlp_receiver() -> (
 async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
     let (otlp, received, _stop) = otlp_receiver().await;
     let dir = workdir();
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__TELEMETRY__OTLP_ENDPOINT", &otlp)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("listening on https://").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("the gateway did not start");
-    })
-    .await
-    .unwrap();
+    let (mut child, addr, mut lines) = start_serve(
+        dir.path(),
+        &[("KOODRIVE_GATEWAY__TELEMETRY__OTLP_ENDPOINT", otlp.as_str())],
+    )
+    .await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let port = addr.rsplit(':').next().unwrap().to_owned();
     let jwt = String::from_utf8(
@@ -478,27 +495,12 @@ async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
 async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
     let dir = workdir();
     let audit = dir.path().join("audit.log");
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__AUDIT__PATH", &audit)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("listening on https://").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("the gateway did not start");
-    })
-    .await
-    .unwrap();
+    let audit_path = audit.display().to_string();
+    let (mut child, addr, mut lines) = start_serve(
+        dir.path(),
+        &[("KOODRIVE_GATEWAY__AUDIT__PATH", audit_path.as_str())],
+    )
+    .await;
     let reloaded = Arc::new(tokio::sync::Notify::new());
     let notify = reloaded.clone();
     tokio::spawn(async move {
