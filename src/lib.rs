@@ -110,10 +110,13 @@ impl Reloader {
     /// Reopens the audit file at its configured path, for external
     /// rotation (logrotate's `create` mode: rename, then SIGHUP).
     pub async fn reload(&self) {
-        if let Some(auditor) = &self.auditor {
-            auditor.reopen().await;
+        match &self.auditor {
+            Some(auditor) => {
+                auditor.reopen().await;
+                tracing::info!("reloaded: audit file reopened");
+            }
+            None => tracing::info!("reloaded: nothing to reload (no audit file)"),
         }
-        tracing::info!("reloaded: audit file reopened");
     }
 }
 

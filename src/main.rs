@@ -156,7 +156,7 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
         tracing::info!(upstream = %emulator.base_url(), "embedded KooDrive emulator running");
     }
     if let Some(admin) = gateway.admin_addr() {
-        tracing::info!(addr = %admin, "admin (healthz, readyz) on http://{admin}");
+        tracing::info!(addr = %admin, "admin (healthz, readyz, metrics) on http://{admin}");
     }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
     tokio::spawn(reload_on_sighup(gateway.reloader()));
