@@ -29,6 +29,9 @@ use crate::jobs::JobsQuery;
 use crate::language::Language;
 use crate::upstream::UpstreamReply;
 
+/// Longest a finished reload's answer is shared (normally it is dropped
+/// as soon as its load ends; this bounds a missed drop).
+const RELOAD_SHARING: Duration = Duration::from_secs(1);
 /// Bytes charged per entry on top of body and key, for moka's bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
 
@@ -155,6 +158,10 @@ enum NotStored {
 /// The per-user response cache.
 pub struct ResponseCache {
     entries: moka::future::Cache<CacheKey, Arc<Entry>>,
+    /// Client-requested reloads (`Cache-Control: no-cache`) in flight, so
+    /// that concurrent ones for a key share one upstream call: a bypass
+    /// must not become a way to multiply load on KooDrive.
+    reloads: moka::future::Cache<CacheKey, UpstreamReply>,
     ttl: Duration,
     ttl_jitter: Duration,
     stale_if_error: Duration,
@@ -192,6 +199,10 @@ impl ResponseCache {
             .build();
         ResponseCache {
             entries,
+            reloads: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(RELOAD_SHARING)
+                .build(),
             ttl: config.ttl,
             ttl_jitter: config.ttl_jitter,
             stale_if_error: config.stale_if_error,
@@ -245,7 +256,7 @@ impl ResponseCache {
 
         let outcome = if bypass {
             self.counters.bypasses.inc();
-            match load().await {
+            match self.reload_shared(key.clone(), load).await {
                 Ok(reply) if reply.storable => {
                     self.entries
                         .insert(key, self.entry(reply.body.clone()))
@@ -279,6 +290,34 @@ impl ResponseCache {
             }
             (Err(error), _) => Err(error),
         }
+    }
+
+    /// One upstream call for all concurrent client-requested reloads of
+    /// `key`; the shared answer is forgotten once its load is over.
+    async fn reload_shared<F, Fut>(
+        &self,
+        key: CacheKey,
+        load: F,
+    ) -> Result<UpstreamReply, GatewayError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<UpstreamReply, GatewayError>>,
+    {
+        let ran = AtomicBool::new(false);
+        let result = self
+            .reloads
+            .try_get_with(key.clone(), async {
+                ran.store(true, Ordering::Relaxed);
+                load().await
+            })
+            .await;
+        if ran.load(Ordering::Relaxed) {
+            // The next reload asks KooDrive again.
+            self.reloads.invalidate(&key).await;
+        } else {
+            self.counters.coalesced.inc();
+        }
+        result.map_err(|shared| (*shared).clone())
     }
 
     /// Puts an expired entry back for later stale serves, unless a newer
@@ -530,6 +569,41 @@ mod tests {
             .unwrap();
         assert_eq!(next.status, CacheStatus::Miss);
         assert_eq!(next.body.as_ref(), b"A1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_bypasses_share_one_upstream_call_and_later_ones_reload() {
+        let cache = Arc::new(ResponseCache::new(&config(5_000, 0)));
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bypass = |cache: Arc<ResponseCache>, calls: Arc<std::sync::atomic::AtomicU64>| async move {
+            cache
+                .serve(key("a"), true, || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    ok("fresh")
+                })
+                .await
+                .unwrap()
+        };
+        let tasks: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(bypass(cache.clone(), calls.clone())))
+            .collect();
+        for task in tasks {
+            let served = task.await.unwrap();
+            assert_eq!(
+                (served.status, served.body.as_ref()),
+                (CacheStatus::Bypass, &b"fresh"[..])
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one upstream call for 20 bypasses"
+        );
+        assert_eq!(cache.stats().await.coalesced, 19);
+        // A bypass after that one finished asks KooDrive again.
+        bypass(cache.clone(), calls.clone()).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

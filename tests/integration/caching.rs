@@ -320,3 +320,28 @@ async fn ttl_zero_turns_the_cache_off() {
     assert_eq!(env.emulator.jobs_requests(), 3);
     assert!(env.cache.is_none());
 }
+
+#[tokio::test]
+async fn concurrent_no_cache_requests_share_one_upstream_call() {
+    let env = cached_env("ttl_ms = 5000").await;
+    env.emulator
+        .set_fault(Fault::Latency(Duration::from_millis(300)));
+    let mut requests = JoinSet::new();
+    for _ in 0..10 {
+        let env = env.clone();
+        requests.spawn(async move {
+            env.get_with("u-1", PATH, &[("cache-control", "no-cache")])
+                .await
+        });
+    }
+    while let Some(reply) = requests.join_next().await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-cache"), "BYPASS");
+    }
+    assert_eq!(
+        env.emulator.jobs_requests(),
+        1,
+        "a client's no-cache cannot multiply load on KooDrive"
+    );
+}
