@@ -74,6 +74,9 @@ pub enum GatewayError {
         name: &'static str,
         reason: &'static str,
     },
+    /// The request line and headers exceed `server.max_header_bytes`.
+    #[error("request head larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
     /// No `Authorization: Bearer …` header.
     #[error("missing bearer token")]
     MissingCredentials,
@@ -292,6 +295,12 @@ impl GatewayError {
                 "invalid_header",
                 format!("header `{name}`: {reason}"),
             ),
+            E::HeadersTooLarge { limit } => (
+                Client,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("the request line and headers exceed {limit} bytes"),
+            ),
             E::MissingCredentials => (
                 Client,
                 StatusCode::UNAUTHORIZED,
@@ -454,6 +463,7 @@ impl GatewayError {
                 headers.insert(RETRY_AFTER, retry_after_value(*retry_after));
             }
             E::NotFound
+            | E::HeadersTooLarge { .. }
             | E::BodyNotAllowed
             | E::InvalidQuery(_)
             | E::InvalidHeader { .. }
@@ -577,6 +587,12 @@ mod tests {
                 Client,
                 400,
                 "invalid_header",
+            ),
+            (
+                E::HeadersTooLarge { limit: 16384 },
+                Client,
+                431,
+                "headers_too_large",
             ),
             (E::MissingCredentials, Client, 401, "missing_token"),
             (E::ExpiredCredentials, Client, 401, "token_expired"),
@@ -729,6 +745,7 @@ mod tests {
             E::UpstreamOverloaded { .. } => 21,
             E::UpstreamPaused { .. } => 22,
             E::AuditUnavailable { .. } => 23,
+            E::HeadersTooLarge { .. } => 24,
         }
     }
 
@@ -737,7 +754,7 @@ mod tests {
         let rows = every_variant();
         let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..=23).collect::<Vec<_>>(), "one row per variant");
+        assert_eq!(seen, (0..=24).collect::<Vec<_>>(), "one row per variant");
         for (error, side, status, code) in rows {
             let rendered = error.render();
             assert_eq!(rendered.side, side, "{error:?}");

@@ -314,8 +314,13 @@ impl Gateway {
                 tls: files.server_tls,
                 admin,
                 grace: config.server.shutdown_grace,
+                limits: config.server.limits,
             },
-            pipeline: Arc::new(pipeline.traced(traced)),
+            pipeline: Arc::new(
+                pipeline
+                    .traced(traced)
+                    .max_header_bytes(config.server.limits.max_header_bytes),
+            ),
             auditor,
             emulator,
             tasks,

@@ -35,6 +35,8 @@ pub(crate) struct Pipeline {
     /// Whether spans are exported (`[telemetry]`): only then do requests
     /// join their W3C trace.
     traced: bool,
+    /// `server.max_header_bytes`: larger request heads get 431.
+    max_header_bytes: usize,
     metrics: RequestMetrics,
     audit: Option<Arc<Auditor>>,
     verifier: Verifier,
@@ -57,6 +59,7 @@ impl Pipeline {
     ) -> Pipeline {
         Pipeline {
             traced: false,
+            max_header_bytes: usize::MAX,
             metrics,
             audit,
             verifier,
@@ -65,6 +68,12 @@ impl Pipeline {
             upstream,
             cache,
         }
+    }
+
+    /// Refuses request heads larger than `bytes` (431).
+    pub(crate) fn max_header_bytes(mut self, bytes: usize) -> Pipeline {
+        self.max_header_bytes = bytes;
+        self
     }
 
     /// Exports each request's spans into its W3C trace.
@@ -149,7 +158,14 @@ impl Pipeline {
         request: &Request<B>,
         record: &mut RequestRecord,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
-        // Route first: unknown paths and methods need no credentials to refuse.
+        // The head's size first: nothing else is worth reading in one that
+        // is too large (hyper's own limits sit above this one).
+        if head_size(request) > self.max_header_bytes {
+            return Err(GatewayError::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
+        }
+        // Route: unknown paths and methods need no credentials to refuse.
         route(request)?;
         // Authenticate before looking at the query, so the schema is not an
         // oracle for unauthenticated callers.
@@ -258,6 +274,22 @@ impl Pipeline {
         }
         attempt.result
     }
+}
+
+/// The size of a request head as HTTP/1.1 would carry it: request line
+/// and every `name: value` line.
+fn head_size<B>(request: &Request<B>) -> usize {
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + 11;
+    line + request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
 }
 
 /// The text of a panic's payload (`panic!` with a literal or a format).

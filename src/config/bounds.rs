@@ -26,6 +26,11 @@ const MIB: u64 = 1024 * 1024;
 pub const NUMERIC_KEYS: &[Bound] = &[
     // 0 = close at once; over an hour, a deploy would wait for ever.
     bound("server.shutdown_grace_ms", 0, HOUR_MS),
+    bound("server.max_header_bytes", 1024, 1024 * 1024),
+    bound("server.max_connections", 1, 1_000_000),
+    // Below a second, slow but honest clients would be cut off.
+    bound("server.handshake_timeout_ms", 1_000, MINUTE_MS),
+    bound("server.header_read_timeout_ms", 1_000, MINUTE_MS),
     bound("upstream.timeout_ms", 1, 10 * MINUTE_MS),
     bound("upstream.max_response_bytes", 1024, 1024 * MIB),
     bound("upstream.max_concurrency", 1, 100_000),

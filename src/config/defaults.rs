@@ -5,6 +5,18 @@
 pub(super) fn shutdown_grace_ms() -> u64 {
     10_000
 }
+pub(super) fn max_header_bytes() -> u64 {
+    16 * 1024
+}
+pub(super) fn max_connections() -> u64 {
+    10_000
+}
+pub(super) fn handshake_timeout_ms() -> u64 {
+    10_000
+}
+pub(super) fn header_read_timeout_ms() -> u64 {
+    10_000
+}
 
 pub(super) fn upstream_timeout_ms() -> u64 {
     10_000

@@ -32,7 +32,7 @@ pub use log::{LogConfig, LogFormat};
 pub use rate_limit::{
     FileQuota, FileRateLimit, OnBackendError, Quota, RateLimitConfig, SharedLimit,
 };
-pub use server::{FileServer, ServerConfig, TlsFiles};
+pub use server::{FileServer, ServerConfig, ServerLimits, TlsFiles};
 pub use telemetry::{FileTelemetry, TelemetryConfig};
 pub use token::{
     ExchangeConfig, FileExchangeToken, FileStaticToken, FileToken, Grant, TokenConfig,

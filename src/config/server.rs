@@ -23,6 +23,18 @@ pub struct FileServer {
     pub shutdown_grace_ms: u64,
     /// Plain-HTTP listener for `/healthz` and `/readyz`.
     pub admin_listen: Option<SocketAddr>,
+    /// Request line plus headers; beyond it, 431.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: u64,
+    /// Open client connections; beyond it, accepting waits.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u64,
+    /// A TLS handshake not finished by then is dropped.
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A request head not received by then is dropped (slowloris).
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
 }
 
 /// Where and how the gateway listens.
@@ -36,6 +48,16 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// How long in-flight requests may finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    pub limits: ServerLimits,
+}
+
+/// What one client may take of the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
 }
 
 /// PEM files of the server certificate chain and its private key.
@@ -80,6 +102,18 @@ impl FileServer {
             tls,
             dev_certs_dir: self.dev_certs_dir.clone(),
             shutdown_grace: bounds::millis("server.shutdown_grace_ms", self.shutdown_grace_ms)?,
+            limits: ServerLimits {
+                max_header_bytes: bounds::size("server.max_header_bytes", self.max_header_bytes)?,
+                max_connections: bounds::size("server.max_connections", self.max_connections)?,
+                handshake_timeout: bounds::millis(
+                    "server.handshake_timeout_ms",
+                    self.handshake_timeout_ms,
+                )?,
+                header_read_timeout: bounds::millis(
+                    "server.header_read_timeout_ms",
+                    self.header_read_timeout_ms,
+                )?,
+            },
         })
     }
 }

@@ -24,20 +24,25 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::instrument::{WithDispatch, WithSubscriber};
 
+use crate::config::ServerLimits;
 use crate::error::BoxError;
 use crate::pipeline::Pipeline;
 use admin::Health;
 pub(crate) use stack::stack;
 
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that has not sent its request head by then is dropped
-/// (slowloris defence for HTTP/1.1).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams per connection.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Largest request head accepted over HTTP/2.
-const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
+/// How far hyper's own head limits sit above the gateway's
+/// (`server.max_header_bytes`), so that the gateway's check fires first and
+/// answers in the normalized body.
+const PARSER_HEADROOM: usize = 64 * 1024;
+/// Limits of servers that are not the gateway (emulator, test servers).
+const DEFAULT_LIMITS: ServerLimits = ServerLimits {
+    max_header_bytes: 32 * 1024,
+    max_connections: 10_000,
+    handshake_timeout: Duration::from_secs(10),
+    header_read_timeout: Duration::from_secs(10),
+};
 
 /// The peer address of the connection a request arrived on; the accept loop
 /// puts it in every request's extensions.
@@ -63,7 +68,16 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    serve_counted(listener, tls, service, shutdown, grace, None).await
+    serve_counted(
+        listener,
+        tls,
+        service,
+        shutdown,
+        grace,
+        None,
+        DEFAULT_LIMITS,
+    )
+    .await
 }
 
 /// [`serve`], keeping `connections` at the number of open client
@@ -75,6 +89,7 @@ async fn serve_counted<S, B>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     connections: Option<Gauge>,
+    limits: ServerLimits,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -85,13 +100,23 @@ async fn serve_counted<S, B>(
 {
     let acceptor = tls.map(TlsAcceptor::from);
     let executor = CurrentSubscriberExecutor::current();
-    let builder = http_builder(executor.clone());
+    let builder = http_builder(executor.clone(), &limits);
+    // Beyond `max_connections` accepting waits: the kernel's backlog holds
+    // the rest, never this process's memory.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     // Past the drain deadline every connection still open is closed: its
     // in-flight requests end as abandoned (and are recorded as such).
     let (closing, closed) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -115,11 +140,13 @@ async fn serve_counted<S, B>(
         let acceptor = acceptor.clone();
         let open = connections.clone().map(OpenConnection::new);
         let mut closed = closed.clone();
+        let handshake_timeout = limits.handshake_timeout;
         executor.spawn(async move {
             let _open = open;
+            let _slot = slot;
             let serving = async {
                 match acceptor {
-                    Some(acceptor) => match handshake(&acceptor, stream).await {
+                    Some(acceptor) => match handshake(&acceptor, stream, handshake_timeout).await {
                         Ok(tls) => {
                             let conn = builder.serve_connection(TokioIo::new(tls), service);
                             watcher.watch(conn.into_owned()).await
@@ -167,6 +194,7 @@ pub(crate) struct Listeners {
     /// The admin listener and what readiness looks at.
     pub admin: Option<(TcpListener, admin::Readiness)>,
     pub grace: Duration,
+    pub limits: ServerLimits,
 }
 
 /// Runs the public listener (through [`stack`]) and the admin listener until
@@ -209,6 +237,7 @@ pub(crate) async fn run(
         drain,
         listeners.grace,
         Some(listeners.connections),
+        listeners.limits,
     )
     .await;
     let _ = admin_stop.send(());
@@ -290,23 +319,29 @@ where
 async fn handshake(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
+    timeout: Duration,
 ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    tokio::time::timeout(timeout, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-fn http_builder(executor: CurrentSubscriberExecutor) -> auto::Builder<CurrentSubscriberExecutor> {
+fn http_builder(
+    executor: CurrentSubscriberExecutor,
+    limits: &ServerLimits,
+) -> auto::Builder<CurrentSubscriberExecutor> {
+    let parser_limit = limits.max_header_bytes + PARSER_HEADROOM;
     let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .max_buf_size(parser_limit)
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_header_list_size(u32::try_from(parser_limit).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
     builder
 }
