@@ -77,6 +77,10 @@ pub enum GatewayError {
     /// The request line and headers exceed `server.max_header_bytes`.
     #[error("request head larger than {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    /// The `Authorization` header exceeds `auth.max_token_bytes`; refused
+    /// before anything is decoded.
+    #[error("authorization header larger than {limit} bytes")]
+    AuthorizationTooLarge { limit: usize },
     /// No `Authorization: Bearer …` header.
     #[error("missing bearer token")]
     MissingCredentials,
@@ -170,8 +174,6 @@ pub enum GatewayError {
 pub enum CredentialProblem {
     #[error("more than one authorization header")]
     MultipleHeaders,
-    #[error("authorization header too large")]
-    TooLarge,
     #[error("malformed authorization header")]
     MalformedHeader,
     #[error("expected `Authorization: Bearer <token>`")]
@@ -300,6 +302,12 @@ impl GatewayError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
                 format!("the request line and headers exceed {limit} bytes"),
+            ),
+            E::AuthorizationTooLarge { limit } => (
+                Client,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("the Authorization header exceeds {limit} bytes"),
             ),
             E::MissingCredentials => (
                 Client,
@@ -464,6 +472,7 @@ impl GatewayError {
             }
             E::NotFound
             | E::HeadersTooLarge { .. }
+            | E::AuthorizationTooLarge { .. }
             | E::BodyNotAllowed
             | E::InvalidQuery(_)
             | E::InvalidHeader { .. }
@@ -590,6 +599,12 @@ mod tests {
             ),
             (
                 E::HeadersTooLarge { limit: 16384 },
+                Client,
+                431,
+                "headers_too_large",
+            ),
+            (
+                E::AuthorizationTooLarge { limit: 8192 },
                 Client,
                 431,
                 "headers_too_large",
@@ -746,6 +761,7 @@ mod tests {
             E::UpstreamPaused { .. } => 22,
             E::AuditUnavailable { .. } => 23,
             E::HeadersTooLarge { .. } => 24,
+            E::AuthorizationTooLarge { .. } => 25,
         }
     }
 
@@ -754,7 +770,7 @@ mod tests {
         let rows = every_variant();
         let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..=24).collect::<Vec<_>>(), "one row per variant");
+        assert_eq!(seen, (0..=25).collect::<Vec<_>>(), "one row per variant");
         for (error, side, status, code) in rows {
             let rendered = error.render();
             assert_eq!(rendered.side, side, "{error:?}");

@@ -307,6 +307,7 @@ fn route<B: Body>(request: &Request<B>) -> Result<(), GatewayError> {
     if request.uri().path() == tests::PANIC_PATH {
         panic!("test fault: {}", tests::PANIC_PATH);
     }
+    check_host(request)?;
     if request.uri().path() != JOBS_PATH {
         return Err(GatewayError::NotFound);
     }
@@ -317,6 +318,34 @@ fn route<B: Body>(request: &Request<B>) -> Result<(), GatewayError> {
         return Err(GatewayError::BodyNotAllowed);
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; a target
+/// in absolute form, and HTTP/2's `:authority` (RFC 9113 §8.3.1), must
+/// agree with a `Host` that is sent.
+fn check_host<B>(request: &Request<B>) -> Result<(), GatewayError> {
+    let invalid = |reason| GatewayError::InvalidHeader {
+        name: "host",
+        reason,
+    };
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(invalid("sent more than once"));
+    }
+    match (host, request.uri().authority()) {
+        (None, None) if request.version() == http::Version::HTTP_11 => {
+            Err(invalid("required in HTTP/1.1"))
+        }
+        (Some(host), Some(authority))
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Err(invalid("does not match the request target's authority"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn has_body<B: Body>(request: &Request<B>) -> bool {
@@ -487,8 +516,43 @@ pub(crate) mod tests {
         Request::builder()
             .method(method)
             .uri(uri)
+            .header(http::header::HOST, "localhost")
             .body(Empty::new())
             .unwrap()
+    }
+
+    #[test]
+    fn a_missing_repeated_or_mismatched_host_is_a_400() {
+        let mut missing = request(Method::GET, JOBS_PATH);
+        missing.headers_mut().remove(http::header::HOST);
+        let mut repeated = request(Method::GET, JOBS_PATH);
+        repeated
+            .headers_mut()
+            .append(http::header::HOST, HeaderValue::from_static("other"));
+        let absolute = Request::get("https://evil.example/koodrive/ose/v1/jobs")
+            .header(http::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        for request in [missing, repeated, absolute] {
+            assert!(
+                matches!(
+                    route(&request),
+                    Err(GatewayError::InvalidHeader { name: "host", .. })
+                ),
+                "{request:?}"
+            );
+        }
+        // HTTP/2 names the authority in `:authority`; Host may be absent.
+        let h2 = Request::get("https://localhost:8443/koodrive/ose/v1/jobs")
+            .version(http::Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert!(route(&h2).is_ok());
+        let same = Request::get("https://localhost:8443/koodrive/ose/v1/jobs")
+            .header(http::header::HOST, "LOCALHOST:8443")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert!(route(&same).is_ok());
     }
 
     #[test]
@@ -528,6 +592,7 @@ pub(crate) mod tests {
     #[test]
     fn a_body_on_the_get_is_rejected() {
         let with_body = Request::get(JOBS_PATH)
+            .header(http::header::HOST, "localhost")
             .body(Full::new(Bytes::from_static(b"x")))
             .unwrap();
         assert!(matches!(

@@ -207,10 +207,9 @@ fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayEr
             CredentialProblem::MultipleHeaders,
         ));
     }
+    // Too large is a size limit (431), not a verdict on the credentials.
     if value.len() > max_bytes {
-        return Err(GatewayError::InvalidCredentials(
-            CredentialProblem::TooLarge,
-        ));
+        return Err(GatewayError::AuthorizationTooLarge { limit: max_bytes });
     }
     let value = value
         .to_str()
@@ -302,9 +301,7 @@ mod tests {
     fn oversized_header_is_refused_before_decoding() {
         let value = format!("Bearer {}", "a".repeat(MAX));
         match bearer_token(&headers(&value), MAX) {
-            Err(GatewayError::InvalidCredentials(problem)) => {
-                assert_eq!(problem, CredentialProblem::TooLarge)
-            }
+            Err(GatewayError::AuthorizationTooLarge { limit }) => assert_eq!(limit, MAX),
             other => panic!("{other:?}"),
         }
     }

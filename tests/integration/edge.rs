@@ -71,3 +71,42 @@ async fn beyond_max_connections_accepting_waits_until_one_closes() {
         .expect("served once a slot was free");
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn a_missing_doubled_or_foreign_host_is_a_400_over_http1() {
+    let env = TestEnv::start().await;
+    let token = env.token("u-1");
+    let auth = format!("authorization: Bearer {token}\r\n");
+    let port = env.addr.port();
+    for (target, hosts) in [
+        (PATH.to_owned(), String::new()),
+        (
+            PATH.to_owned(),
+            "host: localhost\r\nhost: other\r\n".to_owned(),
+        ),
+        (
+            format!("https://evil.example{PATH}"),
+            format!("host: localhost:{port}\r\n"),
+        ),
+    ] {
+        let head = format!("GET {target} HTTP/1.1\r\n{hosts}{auth}x-traceid: host-check\r\nconnection: close\r\n\r\n");
+        let response = env.send_raw(head.as_bytes()).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{target} {hosts:?}: {response}"
+        );
+        assert!(
+            response.contains("\"code\":\"invalid_header\""),
+            "{response}"
+        );
+        assert!(response.contains("x-traceid: host-check"), "{response}");
+    }
+    // With one matching Host it is served.
+    let head =
+        format!("GET {PATH} HTTP/1.1\r\nhost: localhost:{port}\r\n{auth}connection: close\r\n\r\n");
+    assert!(env
+        .send_raw(head.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(env.emulator.jobs_requests(), 1);
+}
