@@ -163,7 +163,7 @@ fn code_label(finished: &Finished<'_>) -> String {
     use crate::error::GatewayError as E;
     match &finished.error {
         Some(E::UpstreamRejectedRequest { .. } | E::UpstreamFailed { .. }) => "koodrive".into(),
-        _ => finished.code().unwrap_or_default(),
+        _ => finished.code().unwrap_or_default().to_owned(),
     }
 }
 

@@ -23,7 +23,7 @@ use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
 use crate::metrics::RequestMetrics;
 use crate::rate_limit::RateLimiter;
-use crate::record::{Decision, QueryText, RequestRecord};
+use crate::record::{QueryText, RequestRecord};
 use crate::server::ClientAddr;
 use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
@@ -137,9 +137,7 @@ impl Pipeline {
                     retry_after: audit::RETRY_AFTER,
                 };
                 response = refusal.response(&trace_id);
-                finished.status = response.status();
-                finished.error = Some(refusal);
-                finished.decision = Decision::Rejected;
+                finished.refused(refusal, response.status());
             }
         }
         let headers = response.headers_mut();

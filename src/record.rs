@@ -10,7 +10,7 @@ use http::{Method, StatusCode};
 
 use crate::audit;
 use crate::cache::CacheStatus;
-use crate::error::{GatewayError, Side};
+use crate::error::{GatewayError, Rendered, Side};
 use crate::rate_limit::{self, Limits};
 use crate::trace_id::TraceId;
 
@@ -182,6 +182,7 @@ impl RequestRecord {
             record: self,
             status,
             decision,
+            rendered: error.as_ref().map(GatewayError::render),
             error,
         }
     }
@@ -219,6 +220,9 @@ pub(crate) struct Finished<'a> {
     pub status: StatusCode,
     pub decision: Decision,
     pub error: Option<GatewayError>,
+    /// The error's code and side, rendered once for the log, the audit
+    /// record and the metrics.
+    rendered: Option<Rendered>,
     /// From arrival to the response being ready.
     pub latency: Duration,
 }
@@ -229,11 +233,20 @@ pub(crate) fn millis(duration: Duration) -> f64 {
 }
 
 impl Finished<'_> {
+    /// Replaces the outcome with a refusal decided after the fact (the
+    /// audit record could not be kept): the response became `status`.
+    pub(crate) fn refused(&mut self, error: GatewayError, status: StatusCode) {
+        self.status = status;
+        self.decision = Decision::Rejected;
+        self.rendered = Some(error.render());
+        self.error = Some(error);
+    }
+
     /// The error code sent to the client, if any.
-    pub(crate) fn code(&self) -> Option<String> {
-        match (&self.error, self.decision) {
-            (Some(error), _) => Some(error.render().code),
-            (None, Decision::Abandoned) => Some("client_closed_request".into()),
+    pub(crate) fn code(&self) -> Option<&str> {
+        match (&self.rendered, self.decision) {
+            (Some(rendered), _) => Some(&rendered.code),
+            (None, Decision::Abandoned) => Some("client_closed_request"),
             (None, _) => None,
         }
     }
@@ -243,8 +256,6 @@ impl Finished<'_> {
     /// For a 5xx the error's causes are included.
     pub(crate) fn log(&self) {
         let r = self.record;
-        let rendered = self.error.as_ref().map(GatewayError::render);
-        let code = self.code();
         let cause = self
             .error
             .as_ref()
@@ -264,8 +275,8 @@ impl Finished<'_> {
             upstream_status = r.upstream.and_then(|u| u.status).map(|s| s.as_u16()),
             upstream_ms = r.upstream.map(|u| millis(u.latency)),
             status = self.status.as_u16(),
-            code = code.as_deref(),
-            side = rendered.as_ref().map(|x| x.side.as_str()),
+            code = self.code(),
+            side = self.rendered.as_ref().map(|x| x.side.as_str()),
             latency_ms = millis(self.latency),
             cause,
             "request"

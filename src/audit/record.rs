@@ -18,7 +18,7 @@ struct AuditRecord<'a> {
     path: &'a str,
     query: Option<&'a str>,
     status: u16,
-    code: Option<String>,
+    code: Option<&'a str>,
     decision: &'static str,
     cache: Option<&'static str>,
     /// How the rate limiter decided (an extension of DESIGN.md's fields):
