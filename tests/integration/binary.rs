@@ -45,45 +45,8 @@ async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn the_readme_demo_works_through_the_binary() {
     let dir = workdir();
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    // Collect the log; find the bound address in it.
-    let log = Arc::new(Mutex::new(String::new()));
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let collected = log.clone();
-    tokio::spawn(async move {
-        let mut addr_tx = Some(addr_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("listening on https://").nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                if let Some(tx) = addr_tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-            let mut log = collected.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(60), addr_rx)
-        .await
-        .expect("gateway did not start")
-        .unwrap();
-    let port = addr.rsplit(':').next().unwrap();
+    let mut serving = start_serve(dir.path(), &[("RUST_LOG", "debug")]).await;
+    let port = serving.port().to_owned();
 
     let out = run(dir.path(), &["dev-token", "--user", "u-1001"]).await;
     assert!(
@@ -110,10 +73,10 @@ async fn the_readme_demo_works_through_the_binary() {
     assert_eq!(body["code"], 0);
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
 
-    child.kill().await.unwrap();
+    serving.child.kill().await.unwrap();
     // Let the reader drain what was written before the kill.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = log.lock().unwrap().clone();
+    let log = serving.log().join("\n");
     assert!(log.contains("status=200"), "request not logged: {log}");
     // The KooDrive token is exchanged in-process here, so only the JWT can
     // be checked; identity.rs checks the exchanged token against the log.
@@ -325,47 +288,72 @@ async fn start_errors_name_the_key_and_the_file_or_address() {
 #[tokio::test]
 async fn log_format_json_in_the_config_gives_json_lines() {
     let dir = workdir();
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__LOG__FORMAT", "json")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let listening = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let value: serde_json::Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-            let message = value["message"].as_str().unwrap_or_default();
-            if message.starts_with("listening on https://") {
-                return value;
-            }
-        }
-        panic!("the gateway did not start");
-    })
-    .await
-    .unwrap();
+    let mut serving = start_serve(dir.path(), &[("KOODRIVE_GATEWAY__LOG__FORMAT", "json")]).await;
+    let lines: Vec<serde_json::Value> = serving
+        .log()
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect();
+    let listening = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("listening on https://")
+        })
+        .expect("the listening line");
     // Fields at the top level, not under `fields`.
-    assert!(listening["addr"]
-        .as_str()
-        .unwrap()
-        .starts_with("127.0.0.1:"));
-    child.kill().await.unwrap();
+    assert_eq!(listening["addr"], serving.addr.as_str());
+    serving.child.kill().await.unwrap();
 }
 
-type StderrLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+/// A `serve` process of a test's own, and everything it has logged.
+struct Serving {
+    child: tokio::process::Child,
+    /// Its public address (`127.0.0.1:<port>`).
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serving {
+    fn port(&self) -> &str {
+        self.addr.rsplit(':').next().unwrap_or_default()
+    }
+
+    /// The lines logged so far.
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 10 s) for a line containing `needle`.
+    async fn wait_for_line(&self, needle: &str) {
+        for _ in 0..500 {
+            if self.log().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no `{needle}` in the log: {:?}", self.log());
+    }
+
+    /// Sends it a signal by name (`TERM`, `HUP`).
+    async fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+}
 
 /// Starts `serve` on the demo config in `dir`, on ephemeral ports, with the
-/// extra environment `env`; returns the process, its public address and the
-/// rest of its log lines.
-async fn start_serve(
-    dir: &Path,
-    env: &[(&str, &str)],
-) -> (tokio::process::Child, String, StderrLines) {
+/// extra environment `env`; collects its log and waits for its address.
+async fn start_serve(dir: &Path, env: &[(&str, &str)]) -> Serving {
     let mut child = Command::new(BIN)
         .current_dir(dir)
         .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
@@ -376,18 +364,31 @@ async fn start_serve(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (found, addr) = tokio::sync::oneshot::channel::<String>();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+    let collected = log.clone();
+    tokio::spawn(async move {
+        let mut found = Some(found);
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(rest) = line.split("listening on https://").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
+                // Text or JSON: the address ends where its characters do.
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':'))
+                    .collect();
+                if let Some(found) = found.take() {
+                    let _ = found.send(addr);
+                }
             }
+            collected.lock().unwrap().push(line);
         }
-        panic!("the gateway did not start");
-    })
-    .await
-    .unwrap();
-    (child, addr, lines)
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(60), addr)
+        .await
+        .expect("the gateway did not start")
+        .unwrap();
+    Serving { child, addr, log }
 }
 
 /// A minimal OTLP/HTTP receiver: records every body POSTed to it.
@@ -429,13 +430,12 @@ async fn otlp_receiver() -> (
 async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
     let (otlp, received, _stop) = otlp_receiver().await;
     let dir = workdir();
-    let (mut child, addr, mut lines) = start_serve(
+    let mut serving = start_serve(
         dir.path(),
         &[("KOODRIVE_GATEWAY__TELEMETRY__OTLP_ENDPOINT", otlp.as_str())],
     )
     .await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let port = serving.port().to_owned();
     let jwt = String::from_utf8(
         run(dir.path(), &["dev-token", "--user", "u-7"])
             .await
@@ -456,14 +456,8 @@ async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
     assert_eq!(client.request(request).await.unwrap().status(), 200);
 
     // A graceful stop flushes the batch.
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    serving.signal("TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), serving.child.wait())
         .await
         .unwrap()
         .unwrap();
@@ -496,21 +490,12 @@ async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
     let dir = workdir();
     let audit = dir.path().join("audit.log");
     let audit_path = audit.display().to_string();
-    let (mut child, addr, mut lines) = start_serve(
+    let mut serving = start_serve(
         dir.path(),
         &[("KOODRIVE_GATEWAY__AUDIT__PATH", audit_path.as_str())],
     )
     .await;
-    let reloaded = Arc::new(tokio::sync::Notify::new());
-    let notify = reloaded.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("reloaded") {
-                notify.notify_one();
-            }
-        }
-    });
-    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let port = serving.port().to_owned();
     let client = crate::support::client(&dir.path().join("certs/dev/ca.crt"), Version::HTTP_11);
     let get = |trace: &'static str| {
         Request::get(format!(
@@ -541,16 +526,8 @@ async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
     // logrotate's `create` mode: rename, then SIGHUP.
     let rotated = dir.path().join("audit.log.rotated");
     std::fs::rename(&audit, &rotated).unwrap();
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .await
-        .unwrap()
-        .success());
-    tokio::time::timeout(Duration::from_secs(10), reloaded.notified())
-        .await
-        .expect("the reload was logged");
+    serving.signal("HUP").await;
+    serving.wait_for_line("reloaded").await;
     assert_eq!(
         client.request(get("after-hup")).await.unwrap().status(),
         401
@@ -560,7 +537,7 @@ async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
         .unwrap()
         .contains("after-hup"));
     assert!(
-        child.try_wait().unwrap().is_none(),
+        serving.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
     );
 }
