@@ -1,6 +1,5 @@
 //! The access-log line: one per request, with what happened to it.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use koodrive_gateway::emulator::Fault;
@@ -8,21 +7,6 @@ use koodrive_gateway::emulator::Fault;
 use crate::support::{Options, TestEnv};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
-
-/// The fields of the one access-log line of the request with `trace_id`
-/// (text format: `… request key=value key="text" …`).
-fn access_line(env: &TestEnv, trace_id: &str) -> HashMap<String, String> {
-    let log = env.log();
-    let marker = format!(" request trace_id={trace_id} ");
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&marker)).collect();
-    assert_eq!(lines.len(), 1, "one access line for {trace_id}:\n{log}");
-    let fields = &lines[0][lines[0].find(&marker).unwrap() + " request ".len()..];
-    fields
-        .split(' ')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-        .collect()
-}
 
 #[tokio::test]
 async fn forwarded_requests_cache_hits_and_rejections_are_logged_with_their_outcome() {
@@ -35,7 +19,7 @@ async fn forwarded_requests_cache_hits_and_rejections_are_logged_with_their_outc
         .get_with("u-1", PATH, &[("x-traceid", "log-forwarded")])
         .await;
     assert_eq!(forwarded.status, 200);
-    let line = access_line(&env, "log-forwarded");
+    let line = env.access_line("log-forwarded");
     assert!(line["client"].starts_with("127.0.0.1:"), "{line:?}");
     assert_eq!(line["method"], "GET");
     assert_eq!(line["path"], "/koodrive/ose/v1/jobs");
@@ -66,7 +50,7 @@ async fn forwarded_requests_cache_hits_and_rejections_are_logged_with_their_outc
         .await;
     assert_eq!(hit.version, http::Version::HTTP_2);
     assert_eq!(hit.header("x-cache"), "HIT");
-    let line = access_line(&env, "log-hit");
+    let line = env.access_line("log-hit");
     assert_eq!(line["decision"], "cache_hit");
     assert_eq!(line["cache"], "HIT");
     assert!(!line.contains_key("upstream_status"), "{line:?}");
@@ -81,7 +65,7 @@ async fn forwarded_requests_cache_hits_and_rejections_are_logged_with_their_outc
         )
         .await;
     assert_eq!(bad.status, 400);
-    let line = access_line(&env, "log-bad");
+    let line = env.access_line("log-bad");
     assert_eq!(line["decision"], "rejected");
     assert_eq!(line["status"], "400");
     assert_eq!(line["code"], "invalid_parameter");
@@ -106,7 +90,7 @@ async fn a_5xx_line_names_its_cause() {
         .get_with("u-1", PATH, &[("x-traceid", "log-unreachable")])
         .await;
     assert_eq!(reply.status, 502);
-    let line = access_line(&env, "log-unreachable");
+    let line = env.access_line("log-unreachable");
     assert_eq!(line["code"], "upstream_unreachable");
     assert_eq!(line["side"], "upstream");
     assert_eq!(line["decision"], "forwarded");
@@ -145,7 +129,7 @@ async fn a_request_the_client_abandons_is_still_logged_once() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let line = access_line(&env, "log-abandoned");
+    let line = env.access_line("log-abandoned");
     assert_eq!(line["status"], "499");
     assert_eq!(line["decision"], "abandoned");
     assert_eq!(line["code"], "client_closed_request");

@@ -262,10 +262,7 @@ async fn token_endpoint_failures_are_fast_503s_never_401s() {
             "{warning}"
         );
         // And the access line says why the 503 happened.
-        let access = log
-            .lines()
-            .find(|l| l.contains(&format!(" request trace_id={trace_id} ")))
-            .unwrap();
+        let access = env.access_text(trace_id);
         assert!(access.contains("side=\"token_endpoint\""), "{access}");
         assert!(
             access.contains("cause=\"KooDrive token unavailable: token endpoint"),

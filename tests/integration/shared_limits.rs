@@ -23,13 +23,7 @@ async fn get(env: &TestEnv, id: &str) -> Reply {
 
 /// The `rate_limit` outcome of the access line of the request with `trace_id`.
 fn outcome(env: &TestEnv, trace_id: &str) -> String {
-    let log = env.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(&format!(" request trace_id={trace_id} ")))
-        .unwrap_or_else(|| panic!("no line for {trace_id}"));
-    let start = line.find("rate_limit=\"").expect("rate_limit field") + "rate_limit=\"".len();
-    line[start..].split('"').next().unwrap().to_owned()
+    env.access_line(trace_id)["rate_limit"].clone()
 }
 
 #[tokio::test]

@@ -264,6 +264,28 @@ impl TestEnv {
         self.log.text()
     }
 
+    /// The one access-log line of the request with `trace_id`, as text.
+    pub fn access_text(&self, trace_id: &str) -> String {
+        let log = self.log();
+        let marker = format!(" request trace_id={trace_id} ");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&marker)).collect();
+        assert_eq!(lines.len(), 1, "one access line for {trace_id}:\n{log}");
+        lines[0].to_owned()
+    }
+
+    /// The fields of that line (text format: `… request key=value
+    /// key="text" …`; a quoted value with spaces, such as `cause`, is cut
+    /// at its first space: read it from [`Self::access_text`]).
+    pub fn access_line(&self, trace_id: &str) -> std::collections::HashMap<String, String> {
+        let line = self.access_text(trace_id);
+        let start = line.find(" request trace_id=").unwrap_or(0) + " request ".len();
+        line[start..]
+            .split(' ')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect()
+    }
+
     /// Sends the gateway its shutdown signal (as SIGTERM does).
     pub fn shutdown(&self) {
         if let Some(signal) = self.shutdown.lock().unwrap().take() {
