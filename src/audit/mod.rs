@@ -79,13 +79,17 @@ impl Shared {
     fn probe_due(&self) -> bool {
         let now = std::time::Instant::now();
         let mut next = self.next_probe.lock().unwrap_or_else(|p| p.into_inner());
-        match *next {
-            Some(at) if now < at => false,
-            _ => {
-                *next = Some(now + PROBE_EVERY);
-                true
-            }
+        if next.is_some_and(|at| now < at) {
+            return false;
         }
+        *next = Some(now + PROBE_EVERY);
+        true
+    }
+
+    /// The sink just failed: the first probe waits a full interval.
+    fn schedule_probe(&self) {
+        *self.next_probe.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + PROBE_EVERY);
     }
 }
 

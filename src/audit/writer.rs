@@ -271,7 +271,7 @@ impl Writer {
             };
             if self.shared.healthy.swap(false, Ordering::AcqRel) {
                 tracing::error!(%error, on_error = ?self.on_error, "the audit sink cannot write");
-                self.shared.probe_due();
+                self.shared.schedule_probe();
             }
             batch.refuse_waiting();
             if self.on_error == OnAuditError::Continue {
