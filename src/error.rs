@@ -81,6 +81,13 @@ pub enum GatewayError {
     /// before anything is decoded.
     #[error("authorization header larger than {limit} bytes")]
     AuthorizationTooLarge { limit: usize },
+    /// More header fields than `server.max_headers`.
+    #[error("more than {limit} header fields")]
+    TooManyHeaders { limit: usize },
+    /// The request target (path and query) exceeds
+    /// `server.max_request_target_bytes`.
+    #[error("request target longer than {limit} bytes")]
+    UriTooLong { limit: usize },
     /// No `Authorization: Bearer …` header.
     #[error("missing bearer token")]
     MissingCredentials,
@@ -309,6 +316,18 @@ impl GatewayError {
                 "headers_too_large",
                 format!("the Authorization header exceeds {limit} bytes"),
             ),
+            E::TooManyHeaders { limit } => (
+                Client,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("the request has more than {limit} header fields"),
+            ),
+            E::UriTooLong { limit } => (
+                Client,
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!("the request target (path and query) exceeds {limit} bytes"),
+            ),
             E::MissingCredentials => (
                 Client,
                 StatusCode::UNAUTHORIZED,
@@ -434,6 +453,18 @@ impl GatewayError {
     }
 
     /// Which side failed, for logs and metrics.
+    /// Whether an HTTP/1.1 connection must close after this answer: the
+    /// request's body was not read, or its head broke a size limit.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BodyNotAllowed
+                | GatewayError::HeadersTooLarge { .. }
+                | GatewayError::TooManyHeaders { .. }
+                | GatewayError::UriTooLong { .. }
+        )
+    }
+
     pub fn side(&self) -> Side {
         self.render().side
     }
@@ -473,6 +504,8 @@ impl GatewayError {
             E::NotFound
             | E::HeadersTooLarge { .. }
             | E::AuthorizationTooLarge { .. }
+            | E::TooManyHeaders { .. }
+            | E::UriTooLong { .. }
             | E::BodyNotAllowed
             | E::InvalidQuery(_)
             | E::InvalidHeader { .. }
@@ -609,6 +642,13 @@ mod tests {
                 431,
                 "headers_too_large",
             ),
+            (
+                E::TooManyHeaders { limit: 64 },
+                Client,
+                431,
+                "headers_too_large",
+            ),
+            (E::UriTooLong { limit: 8192 }, Client, 414, "uri_too_long"),
             (E::MissingCredentials, Client, 401, "missing_token"),
             (E::ExpiredCredentials, Client, 401, "token_expired"),
             (
@@ -762,6 +802,8 @@ mod tests {
             E::AuditUnavailable { .. } => 23,
             E::HeadersTooLarge { .. } => 24,
             E::AuthorizationTooLarge { .. } => 25,
+            E::TooManyHeaders { .. } => 26,
+            E::UriTooLong { .. } => 27,
         }
     }
 
@@ -770,7 +812,7 @@ mod tests {
         let rows = every_variant();
         let mut seen: Vec<usize> = rows.iter().map(|(e, ..)| variant_index(e)).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..=25).collect::<Vec<_>>(), "one row per variant");
+        assert_eq!(seen, (0..=27).collect::<Vec<_>>(), "one row per variant");
         for (error, side, status, code) in rows {
             let rendered = error.render();
             assert_eq!(rendered.side, side, "{error:?}");

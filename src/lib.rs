@@ -316,11 +316,7 @@ impl Gateway {
                 grace: config.server.shutdown_grace,
                 limits: config.server.limits,
             },
-            pipeline: Arc::new(
-                pipeline
-                    .traced(traced)
-                    .max_header_bytes(config.server.limits.max_header_bytes),
-            ),
+            pipeline: Arc::new(pipeline.traced(traced).head_limits(&config.server.limits)),
             auditor,
             emulator,
             tasks,

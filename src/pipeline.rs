@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{
-    HeaderValue, AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
+    HeaderValue, AGE, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
 };
 use http::{HeaderName, Method, Request, Response};
 use http_body_util::Full;
@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::audit::{self, Auditor, Delivery};
 use crate::auth::{Authenticated, Verifier};
 use crate::cache::{requests_no_cache, CacheKey, CacheStatus, ResponseCache, Served};
+use crate::config::ServerLimits;
 use crate::error::{GatewayError, InternalError};
 use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
@@ -35,8 +36,8 @@ pub(crate) struct Pipeline {
     /// Whether spans are exported (`[telemetry]`): only then do requests
     /// join their W3C trace.
     traced: bool,
-    /// `server.max_header_bytes`: larger request heads get 431.
-    max_header_bytes: usize,
+    /// The request-head limits of `[server]` the gateway answers itself.
+    head: HeadLimits,
     metrics: RequestMetrics,
     audit: Option<Arc<Auditor>>,
     verifier: Verifier,
@@ -59,7 +60,7 @@ impl Pipeline {
     ) -> Pipeline {
         Pipeline {
             traced: false,
-            max_header_bytes: usize::MAX,
+            head: HeadLimits::NONE,
             metrics,
             audit,
             verifier,
@@ -70,9 +71,13 @@ impl Pipeline {
         }
     }
 
-    /// Refuses request heads larger than `bytes` (431).
-    pub(crate) fn max_header_bytes(mut self, bytes: usize) -> Pipeline {
-        self.max_header_bytes = bytes;
+    /// Refuses request heads beyond `limits` (414, 431).
+    pub(crate) fn head_limits(mut self, limits: &ServerLimits) -> Pipeline {
+        self.head = HeadLimits {
+            bytes: limits.max_header_bytes,
+            fields: limits.max_headers,
+            target_bytes: limits.max_request_target_bytes,
+        };
         self
     }
 
@@ -128,6 +133,10 @@ impl Pipeline {
             Ok(response) => (response, None),
             Err(error) => (error.response(&trace_id), Some(error)),
         };
+        // HTTP/1.1 cannot tell where an unread body or an oversized head
+        // ends: the connection goes with the answer.
+        let close = request.version() <= http::Version::HTTP_11
+            && error.as_ref().is_some_and(GatewayError::closes_connection);
         let ticket = record.audit.take();
         let mut finished = record.finish(response.status(), error);
         if let Some(ticket) = ticket {
@@ -142,6 +151,9 @@ impl Pipeline {
         }
         let headers = response.headers_mut();
         headers.insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
+        if close {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         // Whatever the answer, a caller whose budget was looked at learns it.
         if let Some(limits) = &finished.record.limits {
             limits.stamp(headers);
@@ -157,12 +169,8 @@ impl Pipeline {
         record: &mut RequestRecord,
     ) -> Result<Response<Full<Bytes>>, GatewayError> {
         // The head's size first: nothing else is worth reading in one that
-        // is too large (hyper's own limits sit above this one).
-        if head_size(request) > self.max_header_bytes {
-            return Err(GatewayError::HeadersTooLarge {
-                limit: self.max_header_bytes,
-            });
-        }
+        // is too large (hyper's own limits sit above these).
+        self.head.check(request)?;
         // Route: unknown paths and methods need no credentials to refuse.
         route(request)?;
         // Authenticate before looking at the query, so the schema is not an
@@ -274,17 +282,47 @@ impl Pipeline {
     }
 }
 
-/// The size of a request head as HTTP/1.1 would carry it: request line
-/// and every `name: value` line.
-fn head_size<B>(request: &Request<B>) -> usize {
-    let line = request.method().as_str().len()
-        + request
+/// `server.max_request_target_bytes`, `max_headers`, `max_header_bytes`.
+#[derive(Clone, Copy, Debug)]
+struct HeadLimits {
+    bytes: usize,
+    fields: usize,
+    target_bytes: usize,
+}
+
+impl HeadLimits {
+    const NONE: HeadLimits = HeadLimits {
+        bytes: usize::MAX,
+        fields: usize::MAX,
+        target_bytes: usize::MAX,
+    };
+
+    /// 414 for a long target, then 431 for too many or too large headers.
+    fn check<B>(&self, request: &Request<B>) -> Result<(), GatewayError> {
+        let target = request
             .uri()
             .path_and_query()
-            .map_or(1, |p| p.as_str().len())
-        + 11;
-    line + request
-        .headers()
+            .map_or(1, |p| p.as_str().len());
+        if target > self.target_bytes {
+            return Err(GatewayError::UriTooLong {
+                limit: self.target_bytes,
+            });
+        }
+        if request.headers().len() > self.fields {
+            return Err(GatewayError::TooManyHeaders { limit: self.fields });
+        }
+        if head_size(request.method(), target, request.headers()) > self.bytes {
+            return Err(GatewayError::HeadersTooLarge { limit: self.bytes });
+        }
+        Ok(())
+    }
+}
+
+/// The size of a request head as HTTP/1.1 would carry it: request line
+/// (`METHOD target HTTP/1.1\r\n`) and every `name: value\r\n` line.
+fn head_size(method: &Method, target: usize, headers: &http::HeaderMap) -> usize {
+    let line = method.as_str().len() + target + 11;
+    line + headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum::<usize>()

@@ -31,6 +31,16 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     // Below a second, slow but honest clients would be cut off.
     bound("server.handshake_timeout_ms", 1_000, MINUTE_MS),
     bound("server.header_read_timeout_ms", 1_000, MINUTE_MS),
+    // Below 8, ordinary clients (Host, Authorization, Accept, …) are refused.
+    bound("server.max_headers", 8, 1_000),
+    // The http crate refuses targets of 64 KiB and more.
+    bound("server.max_request_target_bytes", 256, 32 * 1024),
+    bound("server.idle_timeout_ms", 1_000, HOUR_MS),
+    bound("server.send_timeout_ms", 1_000, 10 * MINUTE_MS),
+    bound("server.h2_max_concurrent_streams", 1, 10_000),
+    bound("server.h2_keepalive_interval_ms", 1_000, HOUR_MS),
+    bound("server.h2_keepalive_timeout_ms", 1_000, MINUTE_MS),
+    bound("server.h2_max_resets_per_second", 1, 100_000),
     bound("upstream.timeout_ms", 1, 10 * MINUTE_MS),
     bound("upstream.max_response_bytes", 1024, 1024 * MIB),
     bound("upstream.max_concurrency", 1, 100_000),
@@ -88,6 +98,12 @@ pub(crate) fn millis(key: &'static str, value: u64) -> Result<Duration, ConfigEr
 /// A bounded second key as a duration.
 pub(crate) fn secs(key: &'static str, value: u64) -> Result<Duration, ConfigError> {
     check(key, value).map(Duration::from_secs)
+}
+
+/// A bounded count key that fits a `u32`.
+pub(crate) fn count(key: &'static str, value: u64) -> Result<u32, ConfigError> {
+    let value = check(key, value)?;
+    u32::try_from(value).map_err(|_| invalid(key, "too large"))
 }
 
 /// A bounded byte or count key as a `usize`.

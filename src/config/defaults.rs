@@ -5,17 +5,41 @@
 pub(super) fn shutdown_grace_ms() -> u64 {
     10_000
 }
-pub(super) fn max_header_bytes() -> u64 {
+pub(super) const fn max_header_bytes() -> u64 {
     16 * 1024
 }
-pub(super) fn max_connections() -> u64 {
+pub(super) const fn max_headers() -> u64 {
+    64
+}
+pub(super) const fn max_request_target_bytes() -> u64 {
+    8 * 1024
+}
+pub(super) const fn max_connections() -> u64 {
     10_000
 }
-pub(super) fn handshake_timeout_ms() -> u64 {
+pub(super) const fn handshake_timeout_ms() -> u64 {
     10_000
 }
-pub(super) fn header_read_timeout_ms() -> u64 {
+pub(super) const fn header_read_timeout_ms() -> u64 {
     10_000
+}
+pub(super) const fn idle_timeout_ms() -> u64 {
+    60_000
+}
+pub(super) const fn send_timeout_ms() -> u64 {
+    30_000
+}
+pub(super) const fn h2_max_concurrent_streams() -> u64 {
+    100
+}
+pub(super) const fn h2_keepalive_interval_ms() -> u64 {
+    30_000
+}
+pub(super) const fn h2_keepalive_timeout_ms() -> u64 {
+    10_000
+}
+pub(super) const fn h2_max_resets_per_second() -> u64 {
+    100
 }
 
 pub(super) fn upstream_timeout_ms() -> u64 {

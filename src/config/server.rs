@@ -32,9 +32,36 @@ pub struct FileServer {
     /// A TLS handshake not finished by then is dropped.
     #[serde(default = "defaults::handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    /// A request head not received by then is dropped (slowloris).
+    /// A request head not received by then is dropped (slowloris); so is a
+    /// connection that sends no request that long after its handshake.
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// Header fields per request; beyond it, 431.
+    #[serde(default = "defaults::max_headers")]
+    pub max_headers: u64,
+    /// Path plus query; beyond it, 414.
+    #[serde(default = "defaults::max_request_target_bytes")]
+    pub max_request_target_bytes: u64,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A response the client has not taken in full by then (a closed
+    /// HTTP/2 window, a full TCP window) closes its connection.
+    #[serde(default = "defaults::send_timeout_ms")]
+    pub send_timeout_ms: u64,
+    /// HTTP/2 streams open at once on one connection.
+    #[serde(default = "defaults::h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u64,
+    /// HTTP/2 PING sent after this long without a frame from the client.
+    #[serde(default = "defaults::h2_keepalive_interval_ms")]
+    pub h2_keepalive_interval_ms: u64,
+    /// A PING not answered by then closes the connection.
+    #[serde(default = "defaults::h2_keepalive_timeout_ms")]
+    pub h2_keepalive_timeout_ms: u64,
+    /// Requests a client may cancel (HTTP/2 RST_STREAM) per second on one
+    /// connection; beyond it, the connection is closed (rapid reset).
+    #[serde(default = "defaults::h2_max_resets_per_second")]
+    pub h2_max_resets_per_second: u64,
 }
 
 /// Where and how the gateway listens.
@@ -55,9 +82,35 @@ pub struct ServerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
     pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_request_target_bytes: usize,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_keepalive_interval: Duration,
+    pub h2_keepalive_timeout: Duration,
+    pub h2_max_resets_per_second: u32,
+}
+
+impl ServerLimits {
+    /// The defaults of `[server]`: what the emulator and test servers use.
+    pub const DEFAULT: ServerLimits = ServerLimits {
+        max_header_bytes: defaults::max_header_bytes() as usize,
+        max_headers: defaults::max_headers() as usize,
+        max_request_target_bytes: defaults::max_request_target_bytes() as usize,
+        max_connections: defaults::max_connections() as usize,
+        handshake_timeout: Duration::from_millis(defaults::handshake_timeout_ms()),
+        header_read_timeout: Duration::from_millis(defaults::header_read_timeout_ms()),
+        idle_timeout: Duration::from_millis(defaults::idle_timeout_ms()),
+        send_timeout: Duration::from_millis(defaults::send_timeout_ms()),
+        h2_max_concurrent_streams: defaults::h2_max_concurrent_streams() as u32,
+        h2_keepalive_interval: Duration::from_millis(defaults::h2_keepalive_interval_ms()),
+        h2_keepalive_timeout: Duration::from_millis(defaults::h2_keepalive_timeout_ms()),
+        h2_max_resets_per_second: defaults::h2_max_resets_per_second() as u32,
+    };
 }
 
 /// PEM files of the server certificate chain and its private key.
@@ -112,6 +165,29 @@ impl FileServer {
                 header_read_timeout: bounds::millis(
                     "server.header_read_timeout_ms",
                     self.header_read_timeout_ms,
+                )?,
+                max_headers: bounds::size("server.max_headers", self.max_headers)?,
+                max_request_target_bytes: bounds::size(
+                    "server.max_request_target_bytes",
+                    self.max_request_target_bytes,
+                )?,
+                idle_timeout: bounds::millis("server.idle_timeout_ms", self.idle_timeout_ms)?,
+                send_timeout: bounds::millis("server.send_timeout_ms", self.send_timeout_ms)?,
+                h2_max_concurrent_streams: bounds::count(
+                    "server.h2_max_concurrent_streams",
+                    self.h2_max_concurrent_streams,
+                )?,
+                h2_keepalive_interval: bounds::millis(
+                    "server.h2_keepalive_interval_ms",
+                    self.h2_keepalive_interval_ms,
+                )?,
+                h2_keepalive_timeout: bounds::millis(
+                    "server.h2_keepalive_timeout_ms",
+                    self.h2_keepalive_timeout_ms,
+                )?,
+                h2_max_resets_per_second: bounds::count(
+                    "server.h2_max_resets_per_second",
+                    self.h2_max_resets_per_second,
                 )?,
             },
         })

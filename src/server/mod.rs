@@ -4,6 +4,7 @@
 //! the gateway, the emulator and test servers.
 
 pub(crate) mod admin;
+mod conn_watch;
 mod stack;
 pub mod tls;
 
@@ -17,10 +18,10 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::instrument::{WithDispatch, WithSubscriber};
 
@@ -28,21 +29,25 @@ use crate::config::ServerLimits;
 use crate::error::BoxError;
 use crate::pipeline::Pipeline;
 use admin::Health;
+use conn_watch::{Closing, ConnectionWatch, Watched};
 pub(crate) use stack::stack;
 
-/// HTTP/2 streams per connection.
-const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// How far hyper's own head limits sit above the gateway's
-/// (`server.max_header_bytes`), so that the gateway's check fires first and
-/// answers in the normalized body.
+/// (`server.max_header_bytes`, `server.max_headers`), so that the gateway's
+/// checks fire first and answer in the normalized body.
 const PARSER_HEADROOM: usize = 64 * 1024;
-/// Limits of servers that are not the gateway (emulator, test servers).
-const DEFAULT_LIMITS: ServerLimits = ServerLimits {
-    max_header_bytes: 32 * 1024,
-    max_connections: 10_000,
-    handshake_timeout: Duration::from_secs(10),
-    header_read_timeout: Duration::from_secs(10),
-};
+const HEADER_COUNT_HEADROOM: usize = 64;
+/// hyper parses up to this many HTTP/1.1 header fields on the stack; a
+/// larger limit costs a heap allocation per request.
+const HYPER_STACK_HEADERS: usize = 100;
+/// HTTP/2 streams the client reset before the service saw them
+/// (CVE-2023-44487); hyper's default, set explicitly.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// HTTP/2 streams the server may reset for a protocol error by the client
+/// before the connection is closed (CVE-2024-27316 class); hyper's default.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Bytes hyper buffers per HTTP/2 stream ahead of the client's window.
+const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
 
 /// The peer address of the connection a request arrived on; the accept loop
 /// puts it in every request's extensions.
@@ -75,7 +80,7 @@ pub async fn serve<S, B>(
         shutdown,
         grace,
         None,
-        DEFAULT_LIMITS,
+        ServerLimits::DEFAULT,
     )
     .await
 }
@@ -102,9 +107,11 @@ async fn serve_counted<S, B>(
     let executor = CurrentSubscriberExecutor::current();
     let builder = http_builder(executor.clone(), &limits);
     // Beyond `max_connections` accepting waits: the kernel's backlog holds
-    // the rest, never this process's memory.
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // the rest, never this process's memory. Each connection holds a slot
+    // until it ends, so all slots back means drained.
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // On shutdown every connection finishes its requests and closes.
+    let (drain, draining) = watch::channel(false);
     // Past the drain deadline every connection still open is closed: its
     // in-flight requests end as abandoned (and are recorded as such).
     let (closing, closed) = watch::channel(false);
@@ -131,34 +138,41 @@ async fn serve_counted<S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = WithClientAddr {
-            inner: service.clone(),
-            peer,
-        };
+        let service = service.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
         let open = connections.clone().map(OpenConnection::new);
-        let mut closed = closed.clone();
-        let handshake_timeout = limits.handshake_timeout;
+        let (draining, mut closed) = (draining.clone(), closed.clone());
         executor.spawn(async move {
             let _open = open;
             let _slot = slot;
             let serving = async {
-                match acceptor {
-                    Some(acceptor) => match handshake(&acceptor, stream, handshake_timeout).await {
-                        Ok(tls) => {
-                            let conn = builder.serve_connection(TokioIo::new(tls), service);
-                            watcher.watch(conn.into_owned()).await
+                let stream = match acceptor {
+                    Some(acceptor) => {
+                        match handshake(&acceptor, stream, limits.handshake_timeout).await {
+                            Ok(tls) => Accepted::Tls(Box::new(tls)),
+                            Err(error) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return Ok(());
+                            }
                         }
-                        Err(error) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                            Ok(())
-                        }
-                    },
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
+                    }
+                    None => Accepted::Plain(stream),
+                };
+                let watch = ConnectionWatch::new(&limits);
+                let service = Watched {
+                    inner: service,
+                    peer,
+                    watch: Arc::clone(&watch),
+                };
+                match stream {
+                    Accepted::Plain(plain) => {
+                        let conn = builder.serve_connection(TokioIo::new(plain), service);
+                        drive(conn, &watch, draining, peer).await
+                    }
+                    Accepted::Tls(tls) => {
+                        let conn = builder.serve_connection(TokioIo::new(tls), service);
+                        drive(conn, &watch, draining, peer).await
                     }
                 }
             };
@@ -167,15 +181,17 @@ async fn serve_counted<S, B>(
                 _ = closed.wait_for(|closed| *closed) => return,
             };
             if let Err(error) = result {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+                tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    let drained = graceful.shutdown();
+    let _ = drain.send(true);
+    let all_slots = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drained = slots.acquire_many(all_slots);
     tokio::pin!(drained);
     tokio::select! {
-        () = &mut drained => {}
+        _ = &mut drained => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!("drain deadline passed; closing remaining connections");
             let _ = closing.send(true);
@@ -183,6 +199,41 @@ async fn serve_counted<S, B>(
             let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         }
     }
+}
+
+/// A connection ready for HTTP.
+enum Accepted {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Serves one connection until it ends, its watch closes it, or the server
+/// drains (then it finishes its requests and closes gracefully).
+async fn drive<C>(
+    conn: C,
+    watch: &ConnectionWatch,
+    mut draining: watch::Receiver<bool>,
+    peer: SocketAddr,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = draining.wait_for(|draining| *draining) => break,
+            closing = watch.expired() => {
+                tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
+                if closing == Closing::Idle {
+                    break;
+                }
+                return Ok(());
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// The gateway's listeners and what they serve.
@@ -262,27 +313,6 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Puts the connection's peer address into each request's extensions.
-#[derive(Clone)]
-struct WithClientAddr<S> {
-    inner: S,
-    peer: SocketAddr,
-}
-
-impl<S, B> hyper::service::Service<Request<B>> for WithClientAddr<S>
-where
-    S: hyper::service::Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, mut request: Request<B>) -> Self::Future {
-        request.extensions_mut().insert(ClientAddr(self.peer));
-        self.inner.call(request)
-    }
-}
-
 /// Spawns connection and HTTP/2 stream tasks on tokio, each carrying the
 /// subscriber that was current when the server started.
 #[derive(Clone)]
@@ -332,16 +362,24 @@ fn http_builder(
 ) -> auto::Builder<CurrentSubscriberExecutor> {
     let parser_limit = limits.max_header_bytes + PARSER_HEADROOM;
     let mut builder = auto::Builder::new(executor);
-    builder
-        .http1()
+    let mut http1 = builder.http1();
+    http1
         .timer(TokioTimer::new())
         .max_buf_size(parser_limit)
         .header_read_timeout(limits.header_read_timeout);
+    let header_count = limits.max_headers + HEADER_COUNT_HEADROOM;
+    if header_count > HYPER_STACK_HEADERS {
+        http1.max_headers(header_count);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(parser_limit).unwrap_or(u32::MAX))
-        .keep_alive_interval(Duration::from_secs(30));
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .max_send_buf_size(H2_MAX_SEND_BUFFER)
+        .keep_alive_interval(limits.h2_keepalive_interval)
+        .keep_alive_timeout(limits.h2_keepalive_timeout);
     builder
 }
