@@ -69,3 +69,57 @@ mod tests {
         assert_eq!(max_age(&HeaderMap::new()), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A directive that is not `no-cache`, as a client might write it.
+    fn other_directive() -> impl Strategy<Value = String> {
+        "[a-zA-Z-]{1,12}(=[a-z0-9\"]{0,8})?".prop_filter("not no-cache", |d| {
+            !d.split('=')
+                .next()
+                .unwrap_or("")
+                .eq_ignore_ascii_case("no-cache")
+        })
+    }
+
+    fn map(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_without_panicking(value in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(value) = HeaderValue::from_bytes(&value) {
+                let mut headers = HeaderMap::new();
+                headers.insert(CACHE_CONTROL, value);
+                for directive in directives(&headers) {
+                    prop_assert!(!directive.name.is_empty());
+                    prop_assert_eq!(directive.name.trim(), directive.name.as_str());
+                }
+            }
+        }
+
+        #[test]
+        fn no_cache_is_found_in_any_case_position_and_spacing(
+            before in proptest::collection::vec(other_directive(), 0..4),
+            after in proptest::collection::vec(other_directive(), 0..4),
+            spelled in "(?i)no-cache",
+            space in "[ \t]{0,2}",
+        ) {
+            let mut list = before.clone();
+            list.push(format!("{space}{spelled}{space}"));
+            list.extend(after.iter().cloned());
+            prop_assert!(has(&map(&list.join(",")), "no-cache"));
+            // Without it, it is not found.
+            let without: Vec<String> = before.into_iter().chain(after).collect();
+            prop_assert!(!has(&map(&without.join(", ")), "no-cache"));
+        }
+    }
+}

@@ -256,3 +256,87 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn query() -> impl Strategy<Value = JobsQuery> {
+        (
+            0..=i64::MAX as u64,
+            1..=100u8,
+            proptest::option::of(1..=7u8),
+            proptest::option::of(0..=3u8),
+        )
+            .prop_map(|(offset, limit, job_type, status)| JobsQuery {
+                offset,
+                limit,
+                job_type,
+                status,
+            })
+    }
+
+    /// Whether the rejection's message names the parameter it is about: one
+    /// of the schema's, or the unknown one as sent, escaped (no control
+    /// characters reach the client).
+    fn names_a_parameter(error: &QueryError) -> bool {
+        let name: &str = match error {
+            QueryError::Missing(name) | QueryError::Repeated(name) => name,
+            QueryError::Invalid { name, .. } => name,
+            QueryError::Unknown(name) => name,
+        };
+        error.to_string().contains(&format!("`{name}`")) && !name.chars().any(char::is_control)
+    }
+
+    proptest! {
+        #[test]
+        fn the_canonical_form_parses_back_to_the_same_query(query in query()) {
+            let canonical = query.canonical();
+            let parsed = JobsQuery::parse(Some(&canonical)).unwrap();
+            prop_assert_eq!(&parsed, &query);
+            prop_assert_eq!(parsed.canonical(), canonical);
+        }
+
+        #[test]
+        fn any_order_and_leading_zeros_parse_to_the_same_canonical_form(
+            query in query(),
+            zeros in proptest::collection::vec(0..4usize, 4),
+            order in Just(vec![0usize, 1, 2, 3]).prop_shuffle(),
+        ) {
+            let pairs = [
+                ("offset", Some(query.offset)),
+                ("limit", Some(u64::from(query.limit))),
+                ("type", query.job_type.map(u64::from)),
+                ("status", query.status.map(u64::from)),
+            ];
+            let raw: Vec<String> = order
+                .iter()
+                .filter_map(|&i| {
+                    let (name, value) = pairs[i];
+                    value.map(|v| format!("{name}={}{v}", "0".repeat(zeros[i])))
+                })
+                .collect();
+            let raw = raw.join("&");
+            let parsed = JobsQuery::parse(Some(&raw)).unwrap();
+            prop_assert_eq!(parsed.canonical(), query.canonical());
+        }
+
+        #[test]
+        fn any_query_string_is_accepted_canonically_or_refused_naming_a_parameter(
+            raw in "(offset|limit|type|status|x|%[0-9A-F]{2}|[=&+0-9a-z%\\x00-\\x7f\u{80}-\u{10ffff}]){0,40}",
+        ) {
+            match JobsQuery::parse(Some(&raw)) {
+                Ok(query) => {
+                    let again = JobsQuery::parse(Some(&query.canonical())).unwrap();
+                    prop_assert_eq!(again, query);
+                }
+                Err(error) => {
+                    prop_assert!(names_a_parameter(&error), "{error} for {raw:?}");
+                    prop_assert!(!error.code().is_empty());
+                }
+            }
+        }
+    }
+}

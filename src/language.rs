@@ -99,3 +99,43 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn a_language_header_is_kept_verbatim_only_when_it_is_a_short_tag(
+            value in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..48),
+                "[a-zA-Z]{1,9}([-_][a-zA-Z0-9]{0,9}){0,4}".prop_map(String::into_bytes),
+            ],
+        ) {
+            let Ok(value) = HeaderValue::from_bytes(&value) else {
+                return Ok(());
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(LANGUAGE, value.clone());
+            match Language::from_headers(&headers) {
+                Ok(language) => {
+                    // Safe to forward: visible ASCII, bounded, as sent.
+                    prop_assert_eq!(language.as_str().as_bytes(), value.as_bytes());
+                    prop_assert!(language.as_str().len() <= MAX_LEN);
+                    prop_assert!(language
+                        .as_str()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+                }
+                Err(error) => {
+                    let rendered = error.render();
+                    prop_assert_eq!(rendered.status.as_u16(), 400);
+                    prop_assert!(rendered.msg.contains(LANGUAGE));
+                }
+            }
+        }
+    }
+}

@@ -258,3 +258,59 @@ mod tests {
         assert_eq!(a.as_str().len(), 32);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn headers(x_traceid: &[u8], traceparent: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_bytes(x_traceid) {
+            headers.insert(X_TRACEID, value);
+        }
+        if let Ok(value) = HeaderValue::from_bytes(traceparent) {
+            headers.insert(TRACEPARENT, value);
+        }
+        headers
+    }
+
+    fn lower_hex(s: &str, len: usize) -> bool {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+
+    proptest! {
+        #[test]
+        fn any_inbound_headers_give_a_valid_id_and_a_well_formed_traceparent(
+            x_traceid in proptest::collection::vec(any::<u8>(), 0..80),
+            traceparent in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..80),
+                "[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[a-z0-9]{0,8})?"
+                    .prop_map(String::into_bytes),
+            ],
+        ) {
+            let headers = headers(&x_traceid, &traceparent);
+            let id = TraceId::from_headers(&headers);
+            prop_assert!(is_valid(id.as_str()), "{:?}", id.as_str());
+            // A valid inbound X-Traceid is kept as sent.
+            if let Some(sent) = headers.get(X_TRACEID).and_then(|v| v.to_str().ok()) {
+                if is_valid(sent) {
+                    prop_assert_eq!(id.as_str(), sent);
+                }
+            }
+            prop_assert!(lower_hex(id.w3c_trace_id(), 32));
+            prop_assert!(id.w3c_trace_id().bytes().any(|b| b != b'0'));
+            let child = id.child_traceparent();
+            let child = child.to_str().unwrap();
+            let parts: Vec<&str> = child.split('-').collect();
+            prop_assert_eq!(parts.len(), 4, "{}", child);
+            prop_assert_eq!(parts[0], "00");
+            prop_assert_eq!(parts[1], id.w3c_trace_id());
+            prop_assert!(lower_hex(parts[2], 16) && parts[2] != "0000000000000000");
+            prop_assert!(lower_hex(parts[3], 2));
+        }
+    }
+}

@@ -607,3 +607,76 @@ pub(crate) mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    const MARKER: &str = "SECRET-kd-token-5f3a";
+
+    /// KooDrive-like bodies and noise, each carrying the marker somewhere
+    /// other than `code` and `msg`.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let json_value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[ -~]{0,20}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+            Just("null".to_owned()),
+            Just("[]".to_owned()),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200).prop_map(|mut bytes| {
+                bytes.extend_from_slice(MARKER.as_bytes());
+                bytes
+            }),
+            (json_value.clone(), json_value).prop_map(|(code, msg)| {
+                format!(r#"{{"code":{code},"msg":{msg},"data":[],"token":"{MARKER}"}}"#)
+                    .into_bytes()
+            }),
+            "[ -~]{0,40}".prop_map(|text| {
+                format!("<html><body>{text} {MARKER}</body></html>").into_bytes()
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_upstream_answer_becomes_a_normalized_body_without_leaking(
+            status in 100..=599u16,
+            body in body(),
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            let Err(error) = normalize(status, Bytes::from(body)) else {
+                return Ok(());
+            };
+            let trace_id = TraceId::generate();
+            let response = error.response(&trace_id);
+            prop_assert!(response.status().as_u16() >= 400);
+            let bytes = response
+                .into_body()
+                .collect()
+                .now_or_never()
+                .unwrap()
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            let json: Value = serde_json::from_str(&text).unwrap();
+            let object = json.as_object().unwrap();
+            let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            prop_assert_eq!(keys, ["code", "msg", "traceId"]);
+            let code = object["code"].as_str().unwrap();
+            let msg = object["msg"].as_str().unwrap();
+            prop_assert!(!code.is_empty() && code.len() <= 64);
+            prop_assert!(code.bytes().all(|b| b.is_ascii_graphic()));
+            prop_assert!(!msg.chars().any(char::is_control));
+            prop_assert_eq!(object["traceId"].as_str().unwrap(), trace_id.as_str());
+            prop_assert!(!text.contains(MARKER), "{}", text);
+            prop_assert!(!text.contains("<html"), "{}", text);
+        }
+    }
+}

@@ -853,4 +853,96 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    // ---- properties ----
+
+    mod properties {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn any_authorization_value_yields_a_bounded_bearer_token_or_a_refusal(
+                value in prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..120),
+                    "(?i)(bearer|basic)[ \t]{0,3}[ -~]{0,60}".prop_map(String::into_bytes),
+                ],
+                max in 8..64usize,
+            ) {
+                let Ok(value) = HeaderValue::from_bytes(&value) else {
+                    return Ok(());
+                };
+                let mut map = HeaderMap::new();
+                map.insert(AUTHORIZATION, value.clone());
+                match bearer_token(&map, max) {
+                    Ok(token) => {
+                        prop_assert!(value.len() <= max);
+                        prop_assert!(!token.is_empty());
+                        prop_assert_eq!(token.trim(), token);
+                        prop_assert!(value.to_str().unwrap().ends_with(token));
+                    }
+                    Err(GatewayError::AuthorizationTooLarge { limit }) => {
+                        prop_assert_eq!(limit, max);
+                        prop_assert!(value.len() > max);
+                    }
+                    Err(GatewayError::InvalidCredentials(_)) => {}
+                    Err(other) => prop_assert!(false, "{other:?}"),
+                }
+            }
+        }
+
+        /// Compact-JWS look-alikes: random segments, and headers naming the
+        /// accepted algorithms and known kids over random payloads and
+        /// signatures.
+        fn forged_token() -> impl Strategy<Value = String> {
+            let segment = proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| b64(&b));
+            let header = (
+                prop_oneof![
+                    Just("ES256"),
+                    Just("EdDSA"),
+                    Just("HS256"),
+                    Just("none"),
+                    Just("RS256")
+                ],
+                prop_oneof![Just(EC_KID), Just(ED_KID), Just("other")],
+            )
+                .prop_map(|(alg, kid)| {
+                    b64(format!(r#"{{"alg":"{alg}","kid":"{kid}","typ":"JWT"}}"#).as_bytes())
+                });
+            let payload = Just(b64(claims().to_string().as_bytes()));
+            prop_oneof![
+                "[ -~]{0,80}",
+                (segment.clone(), segment.clone(), segment.clone())
+                    .prop_map(|(h, p, s)| format!("{h}.{p}.{s}")),
+                (header, prop_oneof![payload, segment.clone()], segment)
+                    .prop_map(|(h, p, s)| format!("{h}.{p}.{s}")),
+            ]
+        }
+
+        #[test]
+        fn no_unsigned_or_forged_token_is_ever_accepted() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let keys = Keys::new();
+            let verifier = runtime.block_on(keys.verifier());
+            let mut runner = TestRunner::new(Config {
+                cases: 256,
+                ..Config::default()
+            });
+            runner
+                .run(&forged_token(), |token| {
+                    let result = runtime.block_on(verifier.verify_token(&token));
+                    prop_assert!(
+                        matches!(result, Err(GatewayError::InvalidCredentials(_))),
+                        "{token}: {result:?}"
+                    );
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }
