@@ -15,6 +15,8 @@ pub mod config;
 pub mod devcerts;
 pub mod emulator;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod http_client;
 pub(crate) mod jobs;
 pub(crate) mod language;

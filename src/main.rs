@@ -14,6 +14,14 @@ use koodrive_gateway::telemetry::Telemetry;
 use koodrive_gateway::token::TokenSource;
 use koodrive_gateway::{devcerts, Gateway};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "koodrive-gateway",

@@ -423,6 +423,22 @@ fn normalize(status: StatusCode, body: Bytes) -> Result<Bytes, GatewayError> {
     }
 }
 
+/// For `crate::fuzzing`: whatever KooDrive sends becomes its body passed
+/// on (a 200 in the success shape) or a normalized error body that is
+/// JSON with exactly `code`, `msg` and `traceId`, and no control
+/// characters.
+pub(crate) fn fuzz_normalize(status: StatusCode, body: Bytes) {
+    let Err(error) = normalize(status, body) else {
+        assert_eq!(status, StatusCode::OK);
+        return;
+    };
+    let rendered = error.render();
+    assert!(rendered.status.as_u16() >= 400);
+    assert!(!rendered.code.is_empty() && rendered.code.len() <= 64);
+    assert!(rendered.code.bytes().all(|b| b.is_ascii_graphic()));
+    assert!(!rendered.msg.chars().any(char::is_control));
+}
+
 /// KooDrive's code passed to the client: printable, at most 64 characters.
 fn clean_code(code: String) -> String {
     if code.len() <= 64 && code.chars().all(|c| c.is_ascii_graphic()) {

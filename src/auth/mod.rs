@@ -226,6 +226,25 @@ fn bearer_token(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayEr
     }
 }
 
+/// For `crate::fuzzing`: the checks a token meets before any key is
+/// looked at. A value within the size limit is either refused or yields a
+/// non-empty trimmed token whose JOSE header decodes or is refused.
+pub(crate) fn fuzz_pre_checks(value: &[u8]) {
+    let Ok(value) = http::HeaderValue::from_bytes(value) else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, value);
+    match bearer_token(&headers, 8192) {
+        Ok(token) => {
+            assert!(!token.is_empty() && token.trim() == token);
+            let _ = jsonwebtoken::decode_header(token);
+        }
+        Err(GatewayError::AuthorizationTooLarge { .. } | GatewayError::InvalidCredentials(_)) => {}
+        Err(other) => panic!("unexpected pre-check error {other:?}"),
+    }
+}
+
 /// A claim that names an identity: a non-empty string of visible ASCII
 /// (it becomes a header value and a cache key), at most 256 characters.
 fn identity(claims: &Claims, name: &str) -> Result<String, GatewayError> {
