@@ -219,19 +219,17 @@ where
     C: GracefulConnection,
 {
     tokio::pin!(conn);
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            _ = draining.wait_for(|draining| *draining) => break,
-            closing = watch.expired() => {
-                tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
-                if closing == Closing::Idle {
-                    break;
-                }
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        _ = draining.wait_for(|draining| *draining) => {}
+        closing = watch.expired() => {
+            tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
+            if closing != Closing::Idle {
                 return Ok(());
             }
         }
     }
+    // Draining, or idle: finish what is in flight, then close.
     conn.as_mut().graceful_shutdown();
     conn.await
 }
