@@ -601,6 +601,8 @@ pub(crate) fn error_response(
 mod tests {
     use super::*;
     use crate::jobs::QueryError;
+    use std::collections::{BTreeMap, BTreeSet};
+    use yaml_rust2::{Yaml, YamlLoader};
 
     fn io_error() -> SharedError {
         std::sync::Arc::new(std::io::Error::other("boom"))
@@ -891,5 +893,208 @@ mod tests {
         );
         let response = GatewayError::MissingCredentials.response(&TraceId::generate());
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
+    }
+
+    /// Every `QueryError`, once: a new variant fails to compile in
+    /// `query_error_index` until it has a row here.
+    fn every_query_error() -> Vec<QueryError> {
+        vec![
+            QueryError::Missing("offset"),
+            QueryError::Unknown("page".into()),
+            QueryError::Repeated("limit"),
+            QueryError::Invalid {
+                name: "limit",
+                rule: "must be a decimal integer from 1 to 100",
+            },
+        ]
+    }
+
+    fn query_error_index(error: &QueryError) -> usize {
+        match error {
+            QueryError::Missing(_) => 0,
+            QueryError::Unknown(_) => 1,
+            QueryError::Repeated(_) => 2,
+            QueryError::Invalid { .. } => 3,
+        }
+    }
+
+    /// Errors whose `code` is KooDrive's own, passed through.
+    fn keeps_koodrive_code(error: &GatewayError) -> bool {
+        matches!(
+            error,
+            GatewayError::UpstreamRejectedRequest { .. } | GatewayError::UpstreamFailed { .. }
+        )
+    }
+
+    /// What `openapi.yaml` documents for one status of the jobs operation.
+    #[derive(Debug, Default)]
+    struct Documented {
+        /// The gateway's codes: the `const` and `enum` values under `code`.
+        codes: BTreeSet<String>,
+        /// Whether `code` may also be KooDrive's own (`KooDriveCode`).
+        koodrive_codes: bool,
+        /// Response headers (lower case) and whether each is required.
+        headers: BTreeMap<String, bool>,
+    }
+
+    /// The jobs operation's responses in `openapi.yaml`, by status.
+    fn api_description() -> BTreeMap<u16, Documented> {
+        let docs = YamlLoader::load_from_str(include_str!("../openapi.yaml"))
+            .expect("openapi.yaml is YAML");
+        let root = &docs[0];
+        let responses = root["paths"]["/koodrive/ose/v1/jobs"]["get"]["responses"]
+            .as_hash()
+            .expect("the jobs operation has responses");
+        responses
+            .iter()
+            .map(|(status, response)| {
+                let status: u16 = status
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("status {status:?} is not a quoted number"));
+                let response = resolve(root, response);
+                let mut documented = Documented::default();
+                for (name, header) in response["headers"].as_hash().into_iter().flatten() {
+                    let name = name.as_str().expect("header name").to_ascii_lowercase();
+                    let required = resolve(root, header)["required"].as_bool() == Some(true);
+                    documented.headers.insert(name, required);
+                }
+                // Error codes only: a 200's `code` is KooDrive's success code.
+                if status >= 400 {
+                    collect_codes(
+                        root,
+                        &response["content"]["application/json"]["schema"],
+                        &mut documented,
+                    );
+                }
+                (status, documented)
+            })
+            .collect()
+    }
+
+    /// Follows local `$ref`s (`#/components/...`) to their target.
+    fn resolve<'a>(root: &'a Yaml, node: &'a Yaml) -> &'a Yaml {
+        let Some(reference) = node["$ref"].as_str() else {
+            return node;
+        };
+        let path = reference
+            .strip_prefix("#/")
+            .unwrap_or_else(|| panic!("{reference} is not a local reference"));
+        let target = path.split('/').fold(root, |node, key| &node[key]);
+        assert!(!target.is_badvalue(), "{reference} names nothing");
+        resolve(root, target)
+    }
+
+    /// The codes of a response schema: its `code` property, through
+    /// `$ref`, `allOf`, `anyOf` and `oneOf`.
+    fn collect_codes(root: &Yaml, schema: &Yaml, documented: &mut Documented) {
+        let schema = resolve(root, schema);
+        collect_code_values(root, &schema["properties"]["code"], documented);
+        for combinator in ["allOf", "anyOf", "oneOf"] {
+            for branch in schema[combinator].as_vec().into_iter().flatten() {
+                collect_codes(root, branch, documented);
+            }
+        }
+    }
+
+    fn collect_code_values(root: &Yaml, code: &Yaml, documented: &mut Documented) {
+        if code["$ref"]
+            .as_str()
+            .is_some_and(|r| r == "#/components/schemas/KooDriveCode")
+        {
+            documented.koodrive_codes = true;
+            return;
+        }
+        let code = resolve(root, code);
+        documented
+            .codes
+            .extend(code["const"].as_str().map(str::to_owned));
+        for value in code["enum"].as_vec().into_iter().flatten() {
+            documented
+                .codes
+                .insert(value.as_str().expect("codes are strings").to_owned());
+        }
+        for combinator in ["allOf", "anyOf", "oneOf"] {
+            for branch in code[combinator].as_vec().into_iter().flatten() {
+                collect_code_values(root, branch, documented);
+            }
+        }
+    }
+
+    #[test]
+    fn the_api_description_lists_every_status_and_code_and_nothing_else() {
+        let mut query_errors: Vec<usize> =
+            every_query_error().iter().map(query_error_index).collect();
+        query_errors.sort_unstable();
+        assert_eq!(
+            query_errors,
+            (0..=3).collect::<Vec<_>>(),
+            "one row per variant"
+        );
+        let rows: Vec<(GatewayError, u16, String)> = every_variant()
+            .into_iter()
+            .map(|(error, _, status, code)| (error, status, code.to_owned()))
+            .chain(every_query_error().into_iter().map(|query| {
+                let code = query.code().to_owned();
+                (GatewayError::InvalidQuery(query), 400, code)
+            }))
+            .collect();
+        let documented = api_description();
+
+        let mut sent: BTreeMap<u16, (BTreeSet<String>, bool)> = BTreeMap::new();
+        for (error, status, code) in &rows {
+            let doc = documented
+                .get(status)
+                .unwrap_or_else(|| panic!("{error:?}: status {status} is not in openapi.yaml"));
+            let entry = sent.entry(*status).or_default();
+            if keeps_koodrive_code(error) {
+                assert!(
+                    doc.koodrive_codes,
+                    "{error:?}: status {status} does not admit KooDrive's codes"
+                );
+                entry.1 = true;
+            } else {
+                assert!(
+                    doc.codes.contains(code),
+                    "{error:?}: code `{code}` is not under {status}"
+                );
+                entry.0.insert(code.clone());
+            }
+            // The headers the mapping sets are documented, as required.
+            let response = error.response(&TraceId::generate());
+            for name in [RETRY_AFTER, ALLOW, WWW_AUTHENTICATE] {
+                if response.headers().contains_key(&name) {
+                    assert_eq!(
+                        doc.headers.get(name.as_str()),
+                        Some(&true),
+                        "{error:?}: `{name}` is not a required header of {status}"
+                    );
+                }
+            }
+        }
+
+        // And nothing else: every status and code documented is sent.
+        assert!(documented.contains_key(&200), "200 is not in openapi.yaml");
+        for (status, doc) in &documented {
+            assert_eq!(
+                doc.headers.get("x-traceid"),
+                Some(&true),
+                "{status} does not require X-Traceid"
+            );
+            if *status == 200 {
+                continue;
+            }
+            let (codes, koodrive) = sent.get(status).unwrap_or_else(|| {
+                panic!("openapi.yaml lists {status}, which the gateway never sends")
+            });
+            assert_eq!(
+                &doc.codes, codes,
+                "codes documented under {status} vs codes sent"
+            );
+            assert_eq!(
+                doc.koodrive_codes, *koodrive,
+                "KooDrive's codes under {status}"
+            );
+        }
     }
 }

@@ -229,6 +229,7 @@ where
             }
         }
     }
+    // Draining, or idle: finish what is in flight, then close.
     conn.as_mut().graceful_shutdown();
     conn.await
 }
