@@ -272,11 +272,13 @@ impl Gateway {
             "Open client connections on the public listener",
             connections.clone(),
         );
+        let verifier = Verifier::new(&config.auth, keys.clone());
+        verifier.register(&mut registry);
         let traced = config.telemetry.otlp_traces_url.is_some();
         let pipeline = Pipeline::new(
             RequestMetrics::new(&mut registry),
             auditor.clone(),
-            Verifier::new(&config.auth, keys.clone()),
+            verifier,
             limiter.clone(),
             tokens,
             upstream,

@@ -447,6 +447,7 @@ pub(crate) mod tests {
             user_id_claim: "uid".into(),
             max_token_bytes: 8192,
             typ: None,
+            verified_cache_bytes: 1024 * 1024,
         };
         let keys = KeySet::from_json(JWKS.as_bytes()).unwrap();
         let store = KeyStore::start(&auth, client.clone(), Some(keys))

@@ -60,6 +60,33 @@ struct Key {
     /// The `alg` the key is restricted to, if the JWKS says.
     alg: Option<KeyAlgorithm>,
     key: DecodingKey,
+    id: KeyId,
+}
+
+/// What a key is, independently of which load of the key set holds it: a
+/// SHA-256 of its public parameters (`kty`, `crv`, `x`, `y`, `n`, `e` as the
+/// JWKS spells them). The verified-token cache remembers it to tell, on a
+/// later use, whether the key that verified a token is still in the set —
+/// the same `kid` with new material is another key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KeyId([u8; 32]);
+
+impl KeyId {
+    fn of(jwk: &jsonwebtoken::jwk::Jwk) -> Option<KeyId> {
+        // Serializing plain strings and enums cannot fail; a key that did
+        // would be skipped like one `DecodingKey` cannot use.
+        let parameters = serde_json::to_vec(&jwk.algorithm).ok()?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &parameters);
+        let mut id = [0; 32];
+        id.copy_from_slice(digest.as_ref());
+        Some(KeyId(id))
+    }
+
+    /// A made-up identity, for tests of what stores one.
+    #[cfg(test)]
+    pub(crate) fn for_tests(n: u8) -> KeyId {
+        KeyId([n; 32])
+    }
 }
 
 /// The keys tokens may be verified with.
@@ -101,10 +128,11 @@ impl KeySet {
             .filter(|jwk| !matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature))
             .filter(|jwk| !matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)))
             .filter_map(|jwk| {
-                DecodingKey::from_jwk(jwk).ok().map(|key| Key {
+                Some(Key {
                     kid: jwk.common.key_id.clone(),
                     alg: jwk.common.key_algorithm,
-                    key,
+                    key: DecodingKey::from_jwk(jwk).ok()?,
+                    id: KeyId::of(jwk)?,
                 })
             })
             .collect();
@@ -119,6 +147,24 @@ impl KeySet {
     /// used. A key never verifies an algorithm outside its family or other
     /// than the `alg` the JWKS pins it to.
     pub(crate) fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&DecodingKey> {
+        self.find_key(kid, alg).map(|k| &k.key)
+    }
+
+    /// The key [`Self::find`] picks, with its identity.
+    pub(crate) fn find_with_id(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Option<(&DecodingKey, KeyId)> {
+        self.find_key(kid, alg).map(|k| (&k.key, k.id))
+    }
+
+    /// The identity of the key [`Self::find`] picks.
+    pub(crate) fn key_id(&self, kid: Option<&str>, alg: Algorithm) -> Option<KeyId> {
+        self.find_key(kid, alg).map(|k| k.id)
+    }
+
+    fn find_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<&Key> {
         let usable = |k: &&Key| {
             k.key.family() == alg.family() && k.alg.is_none_or(|a| a == KeyAlgorithm::from(alg))
         };
@@ -127,12 +173,11 @@ impl KeySet {
                 .keys
                 .iter()
                 .filter(usable)
-                .find(|k| k.kid.as_deref() == Some(kid))
-                .map(|k| &k.key),
+                .find(|k| k.kid.as_deref() == Some(kid)),
             None => {
                 let mut candidates = self.keys.iter().filter(usable);
                 match (candidates.next(), candidates.next()) {
-                    (Some(only), None) => Some(&only.key),
+                    (Some(only), None) => Some(only),
                     _ => None,
                 }
             }
@@ -581,6 +626,20 @@ mod tests {
             parse(vec![oct("hmac-1"), oct("hmac-2")]),
             Err(JwksError::Empty)
         ));
+    }
+
+    #[test]
+    fn a_key_keeps_its_identity_across_loads_and_new_material_under_its_kid_is_another() {
+        let first = key_set(vec![ec("a", "ES256", EC_1), rsa("r", "RS256")]);
+        let reloaded = key_set(vec![rsa("r", "RS256"), ec("a", "ES256", EC_1)]);
+        let id = first.key_id(Some("a"), Algorithm::ES256);
+        assert!(id.is_some());
+        assert_eq!(id, reloaded.key_id(Some("a"), Algorithm::ES256));
+        assert_eq!(id, reloaded.key_id(None, Algorithm::ES256));
+        let rotated = key_set(vec![ec("a", "ES256", EC_2)]);
+        assert_ne!(id, rotated.key_id(Some("a"), Algorithm::ES256));
+        assert_ne!(id, first.key_id(Some("r"), Algorithm::RS256));
+        assert_eq!(first.key_id(Some("a"), Algorithm::RS256), None);
     }
 
     #[test]

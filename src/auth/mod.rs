@@ -6,9 +6,12 @@
 //! never from the token (§3.1); keys are matched by family so a public key
 //! can never act as an HMAC secret (§2.1); embedded key references (`jwk`,
 //! `jku`, `x5u`, `x5c`) are refused; `iss`, `aud`, `exp` are required.
+//! A token verified once is remembered ([`verified`]) so that repeating it
+//! costs no signature check.
 
 mod claims;
 pub(crate) mod jwks;
+mod verified;
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,13 +22,20 @@ use http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 
+use prometheus_client::registry::Registry;
+
 use crate::config::AuthConfig;
 use crate::error::{CredentialProblem, GatewayError};
-use claims::Claims;
+use claims::{Claims, Times};
+use jwks::KeyId;
 pub(crate) use jwks::{JwksError, KeySet, KeyStore};
+use verified::{Verified, VerifiedCache};
 
 /// Longest accepted principal or user id.
 const MAX_IDENTITY_LEN: usize = 256;
+/// Longest a verification is remembered, whatever the token's `exp`: past
+/// it the signature is checked again.
+const MAX_REMEMBERED: Duration = Duration::from_secs(3600);
 
 /// Who is calling, as proven by a verified internal JWT.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +88,43 @@ pub(crate) struct Verifier {
     user_id_claim: String,
     max_token_bytes: usize,
     typ: Option<String>,
+    /// Tokens verified before (`auth.verified_cache_bytes`).
+    cache: VerifiedCache,
+    /// The time `exp`, `nbf` and `iat` are checked against.
+    clock: Clock,
+}
+
+/// Wall-clock time in whole seconds since the Unix epoch, the unit of the
+/// JWT time claims.
+#[derive(Clone, Copy, Debug)]
+enum Clock {
+    /// The system clock, which jsonwebtoken reads too.
+    System,
+    /// Tests: `epoch` seconds when tokio's (paused) clock read `at`; it
+    /// moves only as tokio's clock does.
+    #[cfg(test)]
+    Tokio {
+        epoch: u64,
+        at: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    fn now(self) -> u64 {
+        match self {
+            Clock::System => jsonwebtoken::get_current_timestamp(),
+            #[cfg(test)]
+            Clock::Tokio { epoch, at } => epoch + at.elapsed().as_secs(),
+        }
+    }
+}
+
+/// What a full verification established besides the principal.
+struct Proof {
+    times: Times,
+    kid: Option<String>,
+    alg: Algorithm,
+    key: KeyId,
 }
 
 impl Verifier {
@@ -95,7 +142,14 @@ impl Verifier {
             user_id_claim: config.user_id_claim.clone(),
             max_token_bytes: config.max_token_bytes,
             typ: config.typ.clone(),
+            cache: VerifiedCache::new(config.verified_cache_bytes),
+            clock: Clock::System,
         }
+    }
+
+    /// Registers the verified-token cache's counter.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        self.cache.register(registry);
     }
 
     /// Authenticates a request from its headers.
@@ -108,8 +162,67 @@ impl Verifier {
         })
     }
 
-    /// Verifies one compact JWS and derives the principal.
+    /// Verifies one compact JWS and derives the principal: from the
+    /// verified-token cache when this exact token passed before with a key
+    /// the key set still holds, else in full (and then remembered).
     pub(crate) async fn verify_token(&self, token: &str) -> Result<Principal, GatewayError> {
+        if let Some(cached) = self.cached(token).await {
+            // Signature, header, `iss`, `aud` and identity held for these
+            // very bytes under this configuration; only the clock moved.
+            cached.times.check(self.clock.now(), self.leeway)?;
+            return Ok(cached.principal.clone());
+        }
+        let (principal, proof) = self.verify_in_full(token).await?;
+        if self.cache.enabled() {
+            let lifetime = proof
+                .times
+                .lifetime(self.clock.now(), self.leeway, MAX_REMEMBERED);
+            let verified = Verified::new(
+                token,
+                principal.clone(),
+                proof.times,
+                proof.kid.as_deref(),
+                proof.alg,
+                proof.key,
+                lifetime,
+            );
+            self.cache.insert(verified).await;
+        }
+        Ok(principal)
+    }
+
+    /// The remembered verification of `token`, if it may stand in for a
+    /// full one. Key rotation: only while the current key set still picks,
+    /// for the token's `kid` and `alg`, the very key that verified it (same
+    /// [`KeyId`]); otherwise the entry is dropped and the token verified in
+    /// full, which gives exactly the answer an uncached token gets. This is
+    /// checked on every hit rather than by emptying the cache when the key
+    /// set is replaced: a periodic refresh bringing the same keys keeps the
+    /// cache warm, and a verification that raced a refresh and stored an
+    /// entry for a key that was just removed is caught as well.
+    async fn cached(&self, token: &str) -> Option<Arc<Verified>> {
+        if !self.cache.enabled() {
+            return None;
+        }
+        let usable = match self.cache.get(token).await {
+            Some(entry) => {
+                let key_kept = self.keys.current().is_some_and(|keys| {
+                    keys.key_id(entry.kid.as_deref(), entry.alg) == Some(entry.key)
+                });
+                if !key_kept {
+                    self.cache.remove(token).await;
+                }
+                key_kept.then_some(entry)
+            }
+            None => None,
+        };
+        self.cache.count(usable.is_some());
+        usable
+    }
+
+    /// The full verification: header checks, key lookup, signature and
+    /// claims.
+    async fn verify_in_full(&self, token: &str) -> Result<(Principal, Proof), GatewayError> {
         use CredentialProblem as P;
         let invalid = GatewayError::InvalidCredentials;
         let header =
@@ -154,8 +267,8 @@ impl Verifier {
         if header.kid.is_some() && keys.find(header.kid.as_deref(), header.alg).is_none() {
             keys = self.keys.refetch().await.unwrap_or(keys);
         }
-        let key = keys
-            .find(header.kid.as_deref(), header.alg)
+        let (key, key_id) = keys
+            .find_with_id(header.kid.as_deref(), header.alg)
             .ok_or(invalid(P::NoMatchingKey))?;
 
         let data =
@@ -173,13 +286,21 @@ impl Verifier {
                 _ => invalid(P::Malformed),
             })?;
         let claims = data.claims;
-        if claims.issued_in_future(self.leeway) {
-            return Err(invalid(P::IssuedInFuture));
-        }
-        Ok(Principal {
+        // jsonwebtoken checked `exp` and `nbf`; these are the rules a cached
+        // verification is checked by on every use, so both paths agree.
+        let times = claims.times().map_err(invalid)?;
+        times.check(self.clock.now(), self.leeway)?;
+        let principal = Principal {
             subject: identity(&claims, &self.principal_claim)?,
             user_id: identity(&claims, &self.user_id_claim)?,
-        })
+        };
+        let proof = Proof {
+            times,
+            kid: header.kid,
+            alg: header.alg,
+            key: key_id,
+        };
+        Ok((principal, proof))
     }
 }
 
@@ -352,7 +473,16 @@ mod tests {
             user_id_claim: USER_CLAIM.into(),
             max_token_bytes: MAX,
             typ: None,
+            verified_cache_bytes: 1024 * 1024,
         }
+    }
+
+    /// The public JWK of an ES256 signing key, as the key `EC_KID`.
+    fn ec_jwk(key: &EncodingKey) -> Jwk {
+        let mut jwk = Jwk::from_encoding_key(key, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some(EC_KID.into());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        jwk
     }
 
     fn es256_pem() -> String {
@@ -367,6 +497,8 @@ mod tests {
         ec_pem: String,
         ec: EncodingKey,
         ed: EncodingKey,
+        ec_jwk: Jwk,
+        ed_jwk: Jwk,
     }
 
     impl Keys {
@@ -376,9 +508,7 @@ mod tests {
             let ec = EncodingKey::from_ec_pem(ec_pem.as_bytes()).unwrap();
             let ed_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
             let ed = EncodingKey::from_ed_pem(ed_pair.serialize_pem().as_bytes()).unwrap();
-            let mut ec_jwk = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
-            ec_jwk.common.key_id = Some(EC_KID.into());
-            ec_jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            let ec_jwk = ec_jwk(&ec);
             // rcgen writes Ed25519 keys as PKCS#8 v2, which
             // `Jwk::from_encoding_key` does not take: the JWK by hand.
             let ed_jwk: Jwk = serde_json::from_value(json!({
@@ -390,21 +520,26 @@ mod tests {
                 "kid": ED_KID,
             }))
             .unwrap();
-            let set = JwkSet {
-                keys: vec![ec_jwk, ed_jwk],
-            };
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(
-                dir.path().join("jwks.json"),
-                serde_json::to_vec(&set).unwrap(),
-            )
-            .unwrap();
-            Keys {
-                dir,
+            let keys = Keys {
+                dir: tempfile::tempdir().unwrap(),
                 ec_pem,
                 ec,
                 ed,
-            }
+                ec_jwk,
+                ed_jwk,
+            };
+            keys.write_jwks(vec![keys.ec_jwk.clone(), keys.ed_jwk.clone()]);
+            keys
+        }
+
+        /// Rewrites the JWKS file (a refetch then loads it).
+        fn write_jwks(&self, keys: Vec<Jwk>) {
+            let set = JwkSet { keys };
+            std::fs::write(
+                self.dir.path().join("jwks.json"),
+                serde_json::to_vec(&set).unwrap(),
+            )
+            .unwrap();
         }
 
         fn config(&self) -> AuthConfig {
@@ -871,6 +1006,243 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    // ---- the verified-token cache ----
+
+    /// Reads `exp`, `nbf` and `iat` against tokio's (paused) clock, which
+    /// reads `epoch` now.
+    fn set_clock(verifier: &mut Verifier, epoch: u64) {
+        verifier.clock = Clock::Tokio {
+            epoch,
+            at: tokio::time::Instant::now(),
+        };
+    }
+
+    async fn uncached_verifier(keys: &Keys) -> Verifier {
+        keys.verifier_with(|c| c.verified_cache_bytes = 0).await
+    }
+
+    #[tokio::test]
+    async fn a_repeated_token_is_not_verified_again() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        for _ in 0..3 {
+            let principal = verifier.verify_token(&token).await.unwrap();
+            assert_eq!(principal.user_id, "u-42");
+        }
+        // One full verification (the miss), two answered without one.
+        assert_eq!(verifier.cache.lookups(), (2, 1));
+        // Another token is another miss.
+        let other = keys.sign(&header(Algorithm::EdDSA, ED_KID), &claims());
+        verifier.verify_token(&other).await.unwrap();
+        assert_eq!(verifier.cache.lookups(), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_not_remembered() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims_with("aud", json!("another-service")));
+        for _ in 0..2 {
+            assert_invalid(verifier.verify_token(&token).await);
+        }
+        assert_eq!(verifier.cache.lookups(), (0, 2));
+        assert_eq!(verifier.cache.size().await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn with_the_cache_off_nothing_is_remembered_or_counted() {
+        let keys = Keys::new();
+        let verifier = uncached_verifier(&keys).await;
+        let token = keys.sign(&es256(), &claims());
+        for _ in 0..2 {
+            assert!(verifier.verify_token(&token).await.is_ok());
+        }
+        assert_eq!(verifier.cache.lookups(), (0, 0));
+        assert_eq!(verifier.cache.size().await, (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_token_is_refused_as_expired_once_exp_and_the_leeway_pass() {
+        let keys = Keys::new();
+        let mut verifier = keys.verifier().await;
+        let start = now();
+        set_clock(&mut verifier, start);
+        let token = keys.sign(&es256(), &claims_with("exp", json!(start + 100)));
+        assert!(verifier.verify_token(&token).await.is_ok());
+        // Up to exp + leeway (60 s) the cached verification serves…
+        tokio::time::advance(Duration::from_secs(160)).await;
+        assert!(verifier.verify_token(&token).await.is_ok());
+        assert_eq!(verifier.cache.lookups(), (1, 1));
+        // …one second later the cached entry is refused, as expired.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let result = verifier.verify_token(&token).await;
+        assert!(
+            matches!(result, Err(GatewayError::ExpiredCredentials)),
+            "{result:?}"
+        );
+        assert_eq!(verifier.cache.lookups(), (2, 1), "refused from the cache");
+        // The same answer as a verifier that never saw the token.
+        let mut uncached = uncached_verifier(&keys).await;
+        set_clock(&mut uncached, start + 161);
+        let result = uncached.verify_token(&token).await;
+        assert!(
+            matches!(result, Err(GatewayError::ExpiredCredentials)),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_token_stays_refused_while_its_nbf_is_ahead() {
+        // The full verification refuses an `nbf` beyond the leeway, so no
+        // such entry is ever stored; one exists only when the wall clock
+        // steps back after the token was cached (NTP). It is refused then.
+        let keys = Keys::new();
+        let mut verifier = keys.verifier().await;
+        let start = now();
+        set_clock(&mut verifier, start);
+        let ahead = keys.sign(&es256(), &claims_with("nbf", json!(start + 3600)));
+        for _ in 0..2 {
+            assert_invalid(verifier.verify_token(&ahead).await);
+        }
+        assert_eq!(verifier.cache.lookups(), (0, 2), "never cached");
+
+        let mut valid_now = claims_with("nbf", json!(start));
+        valid_now.as_object_mut().unwrap().remove("iat");
+        let token = keys.sign(&es256(), &valid_now);
+        assert!(verifier.verify_token(&token).await.is_ok());
+        // The clock steps back an hour.
+        set_clock(&mut verifier, start - 3600);
+        let result = verifier.verify_token(&token).await;
+        assert!(
+            matches!(
+                result,
+                Err(GatewayError::InvalidCredentials(
+                    CredentialProblem::NotYetValid
+                ))
+            ),
+            "{result:?}"
+        );
+        assert_eq!(verifier.cache.lookups(), (1, 3), "refused from the cache");
+        // As a verifier that never saw it would at that time.
+        let mut uncached = uncached_verifier(&keys).await;
+        set_clock(&mut uncached, start - 3600);
+        let result = uncached.verify_token(&token).await;
+        assert!(
+            matches!(
+                result,
+                Err(GatewayError::InvalidCredentials(
+                    CredentialProblem::NotYetValid
+                ))
+            ),
+            "{result:?}"
+        );
+        // Back to the present, the entry serves again.
+        set_clock(&mut verifier, start);
+        assert!(verifier.verify_token(&token).await.is_ok());
+        assert_eq!(verifier.cache.lookups(), (2, 3));
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_a_refetch_removes_its_key() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        for _ in 0..2 {
+            assert!(verifier.verify_token(&token).await.is_ok());
+        }
+        assert_eq!(verifier.cache.lookups(), (1, 1));
+        // Rotation: the ES256 key leaves the JWKS.
+        keys.write_jwks(vec![keys.ed_jwk.clone()]);
+        assert!(verifier.keys.refetch().await.is_some());
+        let result = verifier.verify_token(&token).await;
+        assert!(
+            matches!(
+                result,
+                Err(GatewayError::InvalidCredentials(
+                    CredentialProblem::NoMatchingKey
+                ))
+            ),
+            "{result:?}"
+        );
+        // Not served from the cache: the entry was dropped, the token
+        // verified in full and refused.
+        assert_eq!(verifier.cache.lookups(), (1, 2));
+        assert_eq!(verifier.cache.size().await.0, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_its_kid_names_new_key_material() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        assert!(verifier.verify_token(&token).await.is_ok());
+        // Rotation keeping the kid: `ec-1` is now another key.
+        let new_key = EncodingKey::from_ec_pem(es256_pem().as_bytes()).unwrap();
+        keys.write_jwks(vec![ec_jwk(&new_key), keys.ed_jwk.clone()]);
+        assert!(verifier.keys.refetch().await.is_some());
+        let result = verifier.verify_token(&token).await;
+        assert!(
+            matches!(
+                result,
+                Err(GatewayError::InvalidCredentials(
+                    CredentialProblem::BadSignature
+                ))
+            ),
+            "{result:?}"
+        );
+        assert_eq!(verifier.cache.lookups(), (0, 2));
+        // A token signed by the new key verifies.
+        let fresh = jsonwebtoken::encode(&es256(), &claims(), &new_key).unwrap();
+        assert!(verifier.verify_token(&fresh).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refetch_that_keeps_the_key_keeps_the_cached_token() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        assert!(verifier.verify_token(&token).await.is_ok());
+        // A new key set with the same keys (and one more).
+        let extra = EncodingKey::from_ec_pem(es256_pem().as_bytes()).unwrap();
+        let mut extra = ec_jwk(&extra);
+        extra.common.key_id = Some("ec-2".into());
+        keys.write_jwks(vec![extra, keys.ec_jwk.clone(), keys.ed_jwk.clone()]);
+        assert!(verifier.keys.refetch().await.is_some());
+        assert!(verifier.verify_token(&token).await.is_ok());
+        assert_eq!(verifier.cache.lookups(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_flipped_signature_byte_is_refused_while_the_genuine_token_is_cached() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        assert!(verifier.verify_token(&token).await.is_ok());
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let mut flipped = signature.as_bytes().to_vec();
+        flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+        let forged = format!("{message}.{}", String::from_utf8(flipped).unwrap());
+        for _ in 0..2 {
+            assert_invalid(verifier.verify_token(&forged).await);
+        }
+        // Same header and claims, but other bytes: verified in full, twice.
+        assert_eq!(verifier.cache.lookups(), (0, 3));
+        assert!(verifier.verify_token(&token).await.is_ok());
+        assert_eq!(verifier.cache.lookups(), (1, 3));
+    }
+
+    #[tokio::test]
+    async fn the_verifier_debug_output_never_shows_a_cached_token() {
+        let keys = Keys::new();
+        let verifier = keys.verifier().await;
+        let token = keys.sign(&es256(), &claims());
+        assert!(verifier.verify_token(&token).await.is_ok());
+        let shown = format!("{verifier:?}");
+        let (_, signature) = token.rsplit_once('.').unwrap();
+        assert!(!shown.contains(signature), "{shown}");
     }
 
     // ---- properties ----

@@ -36,6 +36,9 @@ pub struct FileAuth {
     pub max_token_bytes: u64,
     /// Required JOSE `typ` header (case-insensitive), if set.
     pub typ: Option<String>,
+    /// Capacity of the verified-token cache in bytes; 0 = off.
+    #[serde(default = "defaults::verified_cache_bytes")]
+    pub verified_cache_bytes: u64,
 }
 
 /// Inbound JWT verification.
@@ -52,6 +55,8 @@ pub struct AuthConfig {
     pub user_id_claim: String,
     pub max_token_bytes: usize,
     pub typ: Option<String>,
+    /// Capacity of the verified-token cache (weighed bytes); 0 = off.
+    pub verified_cache_bytes: u64,
 }
 
 /// Where the verification keys come from.
@@ -112,6 +117,10 @@ impl FileAuth {
             user_id_claim: self.user_id_claim.clone(),
             max_token_bytes: bounds::size("auth.max_token_bytes", self.max_token_bytes)?,
             typ: self.typ.clone(),
+            verified_cache_bytes: bounds::check(
+                "auth.verified_cache_bytes",
+                self.verified_cache_bytes,
+            )?,
         })
     }
 }

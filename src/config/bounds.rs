@@ -51,6 +51,8 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     // 0 = no throttle (single flight still applies).
     bound("auth.jwks_min_refetch_s", 0, 3_600),
     bound("auth.max_token_bytes", 256, 64 * 1024),
+    // 0 = verified-token cache off.
+    bound("auth.verified_cache_bytes", 0, 1024 * MIB),
     bound("token.timeout_ms", 1, 2 * MINUTE_MS),
     bound("token.expiry_margin_s", 0, 3_600),
     bound("token.max_cached_tokens", 1, 10_000_000),

@@ -90,6 +90,9 @@ pub(super) fn jwks_min_refetch_s() -> u64 {
 pub(super) fn max_token_bytes() -> u64 {
     8 * 1024
 }
+pub(super) fn verified_cache_bytes() -> u64 {
+    16 * 1024 * 1024
+}
 
 pub(super) fn grant() -> super::Grant {
     super::Grant::TokenExchange

@@ -473,6 +473,7 @@ mod tests {
             "jwks_refresh_s = 300",
             "jwks_min_refetch_s = 30",
             "max_token_bytes = 8192",
+            "verified_cache_bytes = 16777216",
             "ttl_ms = 5000",
             "ttl_jitter_ms = 0",
             "max_bytes = 67108864",
