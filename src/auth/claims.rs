@@ -148,17 +148,30 @@ mod tests {
     #[test]
     fn iat_in_the_future_beyond_leeway_is_detected() {
         let at = |iat: serde_json::Value| {
-            times(serde_json::json!({"exp": NOW + 300, "iat": iat}))
-                .and_then(|t| match t.check(NOW, LEEWAY) {
+            times(serde_json::json!({"exp": NOW + 300, "iat": iat})).and_then(|t| {
+                match t.check(NOW, LEEWAY) {
                     Err(GatewayError::InvalidCredentials(p)) => Err(p),
                     _ => Ok(()),
-                })
+                }
+            })
         };
-        assert_eq!(at(serde_json::json!(NOW + 600)), Err(CredentialProblem::IssuedInFuture));
+        assert_eq!(
+            at(serde_json::json!(NOW + 600)),
+            Err(CredentialProblem::IssuedInFuture)
+        );
         assert_eq!(at(serde_json::json!(NOW + 60)), Ok(()));
-        assert_eq!(at(serde_json::json!(NOW + 61)), Err(CredentialProblem::IssuedInFuture));
-        assert_eq!(at(serde_json::json!("soon")), Err(CredentialProblem::IssuedInFuture));
-        assert_eq!(at(serde_json::json!(null)), Err(CredentialProblem::IssuedInFuture));
+        assert_eq!(
+            at(serde_json::json!(NOW + 61)),
+            Err(CredentialProblem::IssuedInFuture)
+        );
+        assert_eq!(
+            at(serde_json::json!("soon")),
+            Err(CredentialProblem::IssuedInFuture)
+        );
+        assert_eq!(
+            at(serde_json::json!(null)),
+            Err(CredentialProblem::IssuedInFuture)
+        );
     }
 
     #[test]
@@ -177,7 +190,9 @@ mod tests {
         assert!(t.check(NOW, LEEWAY).is_ok());
         assert!(matches!(
             t.check(NOW - 1, LEEWAY),
-            Err(GatewayError::InvalidCredentials(CredentialProblem::NotYetValid))
+            Err(GatewayError::InvalidCredentials(
+                CredentialProblem::NotYetValid
+            ))
         ));
     }
 

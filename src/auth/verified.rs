@@ -168,11 +168,8 @@ impl VerifiedCache {
         let entries = self.entries.as_ref()?;
         let entry = entries.get(&hash(token)).await?;
         // Only the same bytes: a colliding token gets nothing.
-        aws_lc_rs::constant_time::verify_slices_are_equal(
-            entry.token.as_bytes(),
-            token.as_bytes(),
-        )
-        .ok()?;
+        aws_lc_rs::constant_time::verify_slices_are_equal(entry.token.as_bytes(), token.as_bytes())
+            .ok()?;
         Some(entry)
     }
 

@@ -291,3 +291,20 @@ async fn no_secret_appears_in_logs_audit_metrics_or_bodies() {
         assert!(!text.contains(signature), "the JWT signature in the {what}");
     }
 }
+
+#[tokio::test]
+async fn a_repeated_jwt_is_a_verified_cache_hit() {
+    let env = TestEnv::start().await;
+    let jwt = env.token("u-1");
+    for _ in 0..3 {
+        assert_eq!(env.get_bearer(&jwt, PATH).await.status, 200);
+    }
+    let text = env.admin_get("/metrics").await;
+    let samples = parse(&text);
+    let lookups = "koodrive_gateway_verified_cache_requests_total";
+    // Verified in full once; the two repeats skipped the signature check.
+    assert_eq!(value(&samples, lookups, &[("result", "miss")]), 1.0);
+    assert_eq!(value(&samples, lookups, &[("result", "hit")]), 2.0);
+    let signature = jwt.rsplit('.').next().unwrap();
+    assert!(!text.contains(signature));
+}
