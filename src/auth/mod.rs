@@ -21,7 +21,6 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
-
 use prometheus_client::registry::Registry;
 
 use crate::config::AuthConfig;
