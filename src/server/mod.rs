@@ -11,7 +11,9 @@ pub mod tls;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -23,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tracing::instrument::{WithDispatch, WithSubscriber};
+use tracing::instrument::WithSubscriber;
 
 use crate::config::ServerLimits;
 use crate::error::BoxError;
@@ -219,19 +221,17 @@ where
     C: GracefulConnection,
 {
     tokio::pin!(conn);
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            _ = draining.wait_for(|draining| *draining) => break,
-            closing = watch.expired() => {
-                tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
-                if closing == Closing::Idle {
-                    break;
-                }
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        _ = draining.wait_for(|draining| *draining) => {}
+        closing = watch.expired() => {
+            tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
+            if closing != Closing::Idle {
                 return Ok(());
             }
         }
     }
+    // Draining, or idle: finish what is in flight, then close.
     conn.as_mut().graceful_shutdown();
     conn.await
 }
@@ -331,8 +331,51 @@ impl CurrentSubscriberExecutor {
         tokio::spawn(self.dispatched(future));
     }
 
-    fn dispatched<F: Future>(&self, future: F) -> WithDispatch<F> {
-        future.with_subscriber(self.0.clone())
+    fn dispatched<F: Future>(&self, future: F) -> Dispatched<F> {
+        Dispatched {
+            dispatch: self.0.clone(),
+            future: Some(future),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A task's future, polled and dropped with its subscriber as the
+    /// default. `WithDispatch` sets it only while polling; a task dropped
+    /// unfinished (a request cancelled by an HTTP/2 reset, a connection
+    /// closed by its watch) would close its spans where another subscriber
+    /// is the default, and a registry closes a span's parent in the default
+    /// subscriber, which never saw it (tracing-subscriber panics).
+    struct Dispatched<F> {
+        dispatch: tracing::Dispatch,
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F> PinnedDrop for Dispatched<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let _default = tracing::dispatcher::set_default(this.dispatch);
+            let mut future = this.future;
+            future.set(None);
+        }
+    }
+}
+
+impl<F: Future> Future for Dispatched<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        let _default = tracing::dispatcher::set_default(this.dispatch);
+        let Some(future) = this.future.as_mut().as_pin_mut() else {
+            // Polled after completion: tokio never does.
+            return Poll::Pending;
+        };
+        let output = ready!(future.poll(cx));
+        // Finished: its state goes now, under its subscriber.
+        this.future.set(None);
+        Poll::Ready(output)
     }
 }
 
@@ -382,4 +425,33 @@ fn http_builder(
         .keep_alive_interval(limits.h2_keepalive_interval)
         .keep_alive_timeout(limits.h2_keepalive_timeout);
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Instrument;
+
+    #[tokio::test]
+    async fn a_task_cancelled_mid_request_closes_its_spans_in_its_own_subscriber() {
+        let (dispatch, _log) = crate::test_log::CapturedLog::start();
+        let executor =
+            tracing::dispatcher::with_default(&dispatch, CurrentSubscriberExecutor::current);
+        let (started, running) = oneshot::channel();
+        // A request span with a step inside it, as the pipeline has, in a
+        // task that is cancelled (an HTTP/2 reset) while the step runs.
+        let task = tokio::spawn(executor.dispatched(async move {
+            let request = tracing::info_span!("request");
+            let step = tracing::info_span!(parent: &request, "token");
+            let _ = started.send(());
+            std::future::pending::<()>().instrument(step).await;
+            drop(request);
+        }));
+        running.await.unwrap();
+        task.abort();
+        // The task is dropped where another subscriber is the default: its
+        // spans must still close in the one that opened them.
+        let error = task.await.unwrap_err();
+        assert!(error.is_cancelled(), "the task panicked: {error}");
+    }
 }
