@@ -11,9 +11,7 @@ pub mod tls;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -25,11 +23,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tracing::instrument::WithSubscriber;
 
 use crate::config::ServerLimits;
 use crate::error::BoxError;
 use crate::pipeline::Pipeline;
+use crate::subscriber::{Dispatched, InCurrentSubscriber};
 use admin::Health;
 use conn_watch::{Closing, ConnectionWatch, Watched};
 pub(crate) use stack::stack;
@@ -271,7 +269,7 @@ pub(crate) async fn run(
             let _ = admin_stopped.await;
         };
         let serving = serve(listener, None, service, stopped, listeners.grace);
-        tokio::spawn(serving.with_current_subscriber())
+        tokio::spawn(serving.in_current_subscriber())
     });
     tokio::spawn(async move {
         shutdown.await;
@@ -331,51 +329,10 @@ impl CurrentSubscriberExecutor {
         tokio::spawn(self.dispatched(future));
     }
 
+    /// Polled and dropped under the server's subscriber (see
+    /// [`crate::subscriber`]).
     fn dispatched<F: Future>(&self, future: F) -> Dispatched<F> {
-        Dispatched {
-            dispatch: self.0.clone(),
-            future: Some(future),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A task's future, polled and dropped with its subscriber as the
-    /// default. `WithDispatch` sets it only while polling; a task dropped
-    /// unfinished (a request cancelled by an HTTP/2 reset, a connection
-    /// closed by its watch) would close its spans where another subscriber
-    /// is the default, and a registry closes a span's parent in the default
-    /// subscriber, which never saw it (tracing-subscriber panics).
-    struct Dispatched<F> {
-        dispatch: tracing::Dispatch,
-        #[pin]
-        future: Option<F>,
-    }
-
-    impl<F> PinnedDrop for Dispatched<F> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            let _default = tracing::dispatcher::set_default(this.dispatch);
-            let mut future = this.future;
-            future.set(None);
-        }
-    }
-}
-
-impl<F: Future> Future for Dispatched<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let mut this = self.project();
-        let _default = tracing::dispatcher::set_default(this.dispatch);
-        let Some(future) = this.future.as_mut().as_pin_mut() else {
-            // Polled after completion: tokio never does.
-            return Poll::Pending;
-        };
-        let output = ready!(future.poll(cx));
-        // Finished: its state goes now, under its subscriber.
-        this.future.set(None);
-        Poll::Ready(output)
+        Dispatched::new(future, self.0.clone())
     }
 }
 
@@ -425,33 +382,4 @@ fn http_builder(
         .keep_alive_interval(limits.h2_keepalive_interval)
         .keep_alive_timeout(limits.h2_keepalive_timeout);
     builder
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tracing::Instrument;
-
-    #[tokio::test]
-    async fn a_task_cancelled_mid_request_closes_its_spans_in_its_own_subscriber() {
-        let (dispatch, _log) = crate::test_log::CapturedLog::start();
-        let executor =
-            tracing::dispatcher::with_default(&dispatch, CurrentSubscriberExecutor::current);
-        let (started, running) = oneshot::channel();
-        // A request span with a step inside it, as the pipeline has, in a
-        // task that is cancelled (an HTTP/2 reset) while the step runs.
-        let task = tokio::spawn(executor.dispatched(async move {
-            let request = tracing::info_span!("request");
-            let step = tracing::info_span!(parent: &request, "token");
-            let _ = started.send(());
-            std::future::pending::<()>().instrument(step).await;
-            drop(request);
-        }));
-        running.await.unwrap();
-        task.abort();
-        // The task is dropped where another subscriber is the default: its
-        // spans must still close in the one that opened them.
-        let error = task.await.unwrap_err();
-        assert!(error.is_cancelled(), "the task panicked: {error}");
-    }
 }
