@@ -25,6 +25,7 @@ pub(crate) mod pipeline;
 pub(crate) mod rate_limit;
 pub(crate) mod record;
 pub mod server;
+pub(crate) mod subscriber;
 pub mod telemetry;
 #[cfg(test)]
 mod test_log;
@@ -37,7 +38,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tracing::instrument::WithSubscriber;
 
 use crate::audit::Auditor;
 use crate::auth::{JwksError, KeySet, KeyStore, Verifier};
@@ -51,6 +51,7 @@ use crate::rate_limit::RateLimiter;
 use crate::server::admin::Readiness;
 use crate::server::tls::{self, TlsError};
 use crate::server::Listeners;
+use crate::subscriber::InCurrentSubscriber;
 use crate::token::{TokenFileError, TokenSetupError, TokenSource};
 use crate::upstream::Upstream;
 use prometheus_client::metrics::gauge::Gauge;
@@ -304,11 +305,11 @@ impl Gateway {
         };
         let mut tasks = Vec::new();
         if keys.refreshes() {
-            let refresh = keys.keep_fresh().with_current_subscriber();
+            let refresh = keys.keep_fresh().in_current_subscriber();
             tasks.push(BackgroundTask(tokio::spawn(refresh)));
         }
         if let Some(limiter) = limiter {
-            let forget = limiter.forget_idle().with_current_subscriber();
+            let forget = limiter.forget_idle().in_current_subscriber();
             tasks.push(BackgroundTask(tokio::spawn(forget)));
         }
         Ok(Gateway {

@@ -356,9 +356,10 @@ fn route<B: Body>(request: &Request<B>) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; a target
-/// in absolute form, and HTTP/2's `:authority` (RFC 9113 §8.3.1), must
-/// agree with a `Host` that is sent.
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, whatever
+/// the form of its target (an absolute-form target does not stand in for
+/// it); a target in absolute form, and HTTP/2's `:authority` (RFC 9113
+/// §8.3.1), must agree with a `Host` that is sent.
 fn check_host<B>(request: &Request<B>) -> Result<(), GatewayError> {
     let invalid = |reason| GatewayError::InvalidHeader {
         name: "host",
@@ -370,7 +371,7 @@ fn check_host<B>(request: &Request<B>) -> Result<(), GatewayError> {
         return Err(invalid("sent more than once"));
     }
     match (host, request.uri().authority()) {
-        (None, None) if request.version() == http::Version::HTTP_11 => {
+        (None, _) if request.version() == http::Version::HTTP_11 => {
             Err(invalid("required in HTTP/1.1"))
         }
         (Some(host), Some(authority))
@@ -570,7 +571,11 @@ pub(crate) mod tests {
             .header(http::header::HOST, "localhost")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        for request in [missing, repeated, absolute] {
+        // The absolute form's authority is no substitute for Host.
+        let absolute_without_host = Request::get("https://evil.example/koodrive/ose/v1/jobs")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        for request in [missing, repeated, absolute, absolute_without_host] {
             assert!(
                 matches!(
                     route(&request),

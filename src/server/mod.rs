@@ -23,11 +23,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tracing::instrument::{WithDispatch, WithSubscriber};
 
 use crate::config::ServerLimits;
 use crate::error::BoxError;
 use crate::pipeline::Pipeline;
+use crate::subscriber::{Dispatched, InCurrentSubscriber};
 use admin::Health;
 use conn_watch::{Closing, ConnectionWatch, Watched};
 pub(crate) use stack::stack;
@@ -269,7 +269,7 @@ pub(crate) async fn run(
             let _ = admin_stopped.await;
         };
         let serving = serve(listener, None, service, stopped, listeners.grace);
-        tokio::spawn(serving.with_current_subscriber())
+        tokio::spawn(serving.in_current_subscriber())
     });
     tokio::spawn(async move {
         shutdown.await;
@@ -329,8 +329,10 @@ impl CurrentSubscriberExecutor {
         tokio::spawn(self.dispatched(future));
     }
 
-    fn dispatched<F: Future>(&self, future: F) -> WithDispatch<F> {
-        future.with_subscriber(self.0.clone())
+    /// Polled and dropped under the server's subscriber (see
+    /// [`crate::subscriber`]).
+    fn dispatched<F: Future>(&self, future: F) -> Dispatched<F> {
+        Dispatched::new(future, self.0.clone())
     }
 }
 

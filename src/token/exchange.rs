@@ -12,13 +12,14 @@ use std::time::Duration;
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng;
 use tokio::time::Instant;
-use tracing::instrument::{Instrument, WithSubscriber};
+use tracing::Instrument;
 
 use super::endpoint::{Issued, Subject, TokenEndpoint};
 use super::AccessToken;
 use crate::auth::{Authenticated, Principal};
 use crate::error::{GatewayError, InternalError, TokenFailure};
 use crate::metrics::{outcomes, Outcome};
+use crate::subscriber::InCurrentSubscriber;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -166,7 +167,7 @@ impl<E: TokenEndpoint> TokenCache<E> {
         };
         // In the span (trace id) and subscriber of the request that saw the
         // token near expiry.
-        tokio::spawn(refresh.in_current_span().with_current_subscriber());
+        tokio::spawn(refresh.in_current_span().in_current_subscriber());
     }
 }
 

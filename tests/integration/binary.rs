@@ -2,45 +2,14 @@
 //! (embedded emulator, dev certificates created on first start), a token
 //! from `dev-token`, and the curl-equivalent request over TLS.
 
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Version};
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_koodrive-gateway");
-
-/// A scratch working directory holding a copy of the repository's `config/`.
-fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    std::fs::create_dir(dir.path().join("config")).unwrap();
-    for entry in std::fs::read_dir(source).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(
-            entry.path(),
-            dir.path().join("config").join(entry.file_name()),
-        )
-        .unwrap();
-    }
-    dir
-}
-
-/// Runs the binary to completion; the client secret the example configs
-/// name is set, as an operator would.
-async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("KOODRIVE_CLIENT_SECRET", "example-secret")
-        .current_dir(dir)
-        .output()
-        .await
-        .unwrap()
-}
+use crate::support::binary::{dev_token, run, start_serve, workdir, BIN};
 
 #[tokio::test]
 async fn the_readme_demo_works_through_the_binary() {
@@ -310,87 +279,6 @@ async fn log_format_json_in_the_config_gives_json_lines() {
     serving.child.kill().await.unwrap();
 }
 
-/// A `serve` process of a test's own, and everything it has logged.
-struct Serving {
-    child: tokio::process::Child,
-    /// Its public address (`127.0.0.1:<port>`).
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Serving {
-    fn port(&self) -> &str {
-        self.addr.rsplit(':').next().unwrap_or_default()
-    }
-
-    /// The lines logged so far.
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits (at most 10 s) for a line containing `needle`.
-    async fn wait_for_line(&self, needle: &str) {
-        for _ in 0..500 {
-            if self.log().iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("no `{needle}` in the log: {:?}", self.log());
-    }
-
-    /// Sends it a signal by name (`TERM`, `HUP`).
-    async fn signal(&self, name: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-/// Starts `serve` on the demo config in `dir`, on ephemeral ports, with the
-/// extra environment `env`; collects its log and waits for its address.
-async fn start_serve(dir: &Path, env: &[(&str, &str)]) -> Serving {
-    let mut child = Command::new(BIN)
-        .current_dir(dir)
-        .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (found, addr) = tokio::sync::oneshot::channel::<String>();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let collected = log.clone();
-    tokio::spawn(async move {
-        let mut found = Some(found);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("listening on https://").nth(1) {
-                // Text or JSON: the address ends where its characters do.
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':'))
-                    .collect();
-                if let Some(found) = found.take() {
-                    let _ = found.send(addr);
-                }
-            }
-            collected.lock().unwrap().push(line);
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(60), addr)
-        .await
-        .expect("the gateway did not start")
-        .unwrap();
-    Serving { child, addr, log }
-}
-
 /// A minimal OTLP/HTTP receiver: records every body POSTed to it.
 async fn otlp_receiver() -> (
     String,
@@ -436,14 +324,7 @@ async fn spans_are_exported_over_otlp_with_the_requests_trace_id() {
     )
     .await;
     let port = serving.port().to_owned();
-    let jwt = String::from_utf8(
-        run(dir.path(), &["dev-token", "--user", "u-7"])
-            .await
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
+    let jwt = dev_token(dir.path(), "u-7").await;
     let client = crate::support::client(&dir.path().join("certs/dev/ca.crt"), Version::HTTP_11);
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let request = Request::get(format!(

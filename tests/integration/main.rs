@@ -9,6 +9,7 @@ mod caching;
 mod edge;
 mod faults;
 mod forwarding;
+mod hostile;
 mod identity;
 mod lifecycle;
 mod metrics;

@@ -1,5 +1,8 @@
 //! Test harness: a TLS emulator and a TLS gateway on ephemeral ports, a real
-//! rustls client (HTTP/1.1 or HTTP/2) trusting the dev CA, and JWT minting.
+//! rustls client (HTTP/1.1 or HTTP/2) trusting the dev CA, and JWT minting;
+//! the real binary as a child process ([`binary`]).
+
+pub mod binary;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
