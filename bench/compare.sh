@@ -25,7 +25,8 @@
 # differs. Then the RSS of each proxy with 1,000 and 10,000 idle TLS
 # keep-alive connections (bench/peers/idle.py).
 #
-# Per target: req/s, latency p50/p99/p99.9 (wrk; p99.9 from the Lua done
+# Per target (medians of the rounds): req/s and its spread over the rounds
+# ((max - min) / median: the noise), latency p50/p99/p99.9 (wrk; p99.9 from the Lua done
 # hook in bench/peers/wrk.lua), CPU seconds per 1,000 requests (utime +
 # stime of the target's processes from /proc/<pid>/stat, before and after
 # the load), peak RSS (VmHWM), the errors wrk saw (any non-zero count
@@ -330,19 +331,23 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- idle keep-alive connections
 idle_rows=()
 measure_idle() { # $1 = label, $2 = port, $3 = stages; the target is started
-  local out base line rss idle_pid
+  local out base line rss idle_pid last_n=0 last_rss
   base=$(status_kib VmRSS "${target_pids[@]}")
   coproc IDLE { python3 bench/peers/idle.py 127.0.0.1 "$2" "$work/certs/ca.crt" \
     "$path" "$jwt" $3 2>>"$work/idle.log"; }
   idle_pid=$IDLE_PID
   out="$1: base $((base / 1024)) MiB"
+  last_rss=$base
   for stage in $3; do
     read -r -t 600 line <&"${IDLE[0]}" || die "idle connections: no answer (see $work/idle.log)"
     set -- $line # READY <open> <failed>
     sleep 2
     rss=$(status_kib VmRSS "${target_pids[@]}")
-    out+=$(awk -v n="$2" -v f="$3" -v r="$rss" -v b="$base" \
-      'BEGIN { printf "; %d open (%d failed): %.1f MiB, %.1f KiB each", n, f, r / 1024, (r - b) / n }')
+    # KiB a connection over the base, and over the previous stage.
+    out+=$(awk -v n="$2" -v f="$3" -v r="$rss" -v b="$base" -v ln="$last_n" -v lr="$last_rss" 'BEGIN {
+      printf "; %d open (%d failed): %.1f MiB, %.1f KiB each", n, f, r / 1024, (r - b) / n
+      if (ln) printf " (%.1f KiB each of the last %d)", (r - lr) / (n - ln), n - ln }')
+    last_n=$2 last_rss=$rss
     echo >&"${IDLE[1]}"
   done
   wait "$idle_pid" 2>/dev/null || true
@@ -374,8 +379,8 @@ echo "load: ${seconds} s x $rounds rounds, $connections connections, $wrk_thread
   "HAProxy nbthread $workers, gateway TOKIO_WORKER_THREADS=$workers (threads: $gateway_threads)"
 echo "load average (1, 5, 15 min) before: $load_before, after: $load_after"
 echo
-printf '%-24s %9s %8s %8s %9s %12s %9s %7s %7s\n' target req/s "p50 ms" "p99 ms" "p99.9 ms" "CPU s/1k req" \
-  "peak MiB" errors threads
+printf '%-24s %9s %6s %8s %8s %9s %12s %9s %7s %7s\n' target req/s spread "p50 ms" "p99 ms" "p99.9 ms" \
+  "CPU s/1k req" "peak MiB" errors threads
 for name in "${targets[@]}"; do
   awk -v n="$name" '$1 == n' "$work/results" | awk '
     { for (c = 2; c <= 9; c++) v[NR, c] = $c; name = $1 }
@@ -389,12 +394,15 @@ for name in "${targets[@]}"; do
         }
         m[c] = (NR % 2) ? col[(NR + 1) / 2] : (col[NR / 2] + col[NR / 2 + 1]) / 2
       }
-      printf "%-24s %9.0f %8.2f %8.2f %9.2f %12.3f %9.1f %7d %7d\n", name, m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9]
+      # The spread of req/s over the rounds, in % of the median: the noise.
+      lo = hi = v[1, 2]; for (i = 2; i <= NR; i++) { if (v[i, 2] < lo) lo = v[i, 2]; if (v[i, 2] > hi) hi = v[i, 2] }
+      printf "%-24s %9.0f %6.0f %8.2f %8.2f %9.2f %12.3f %9.1f %7d %7d\n", name, m[2], (hi - lo) / m[2] * 100,
+        m[3], m[4], m[5], m[6], m[7], m[8], m[9]
     }'
 done | tee "$work/medians"
 echo
 ratio() { # $1 = gateway target, $2 = HAProxy target
-  awk -v g="$1" -v h="$2" '$1 == g {gr = $2; gc = $6; gm = $7} $1 == h {hr = $2; hc = $6; hm = $7}
+  awk -v g="$1" -v h="$2" '$1 == g {gr = $2; gc = $7; gm = $8} $1 == h {hr = $2; hc = $7; hm = $8}
     END { if (hr && gr) printf "%-20s / %-22s req/s %.2f   CPU per request %.2f   peak RSS %.2f\n", g, h, gr / hr, gc / hc, gm / hm }' \
     "$work/medians"
 }
@@ -403,7 +411,7 @@ ratio gw-hit-verify-all haproxy-cache
 ratio gw-miss haproxy-nocache
 ratio gw-miss-verify-all haproxy-nocache
 ratio gw-1k-users haproxy-cache-1k-users
-if awk '$8 > 0 {bad = 1} END {exit !bad}' "$work/medians"; then
+if awk '$9 > 0 {bad = 1} END {exit !bad}' "$work/medians"; then
   echo "WARNING: some rows saw errors (non-2xx or socket errors): their numbers are not comparable"
 fi
 for row in "${idle_rows[@]}"; do echo "idle: $row"; done
