@@ -239,6 +239,10 @@ expect_status() { # $1 = what, $2 = status, $3.. = answers
     [ "${answer%% *}" = "$want" ] || die "$what: expected $want, got: ${answer:0:300}"
   done
 }
+tls_of() { # $1 = port: what this machine's OpenSSL (wrk's) negotiates
+  openssl s_client -connect "127.0.0.1:$1" -servername localhost -brief </dev/null 2>&1 |
+    awk -F': ' '/^Protocol version|^Ciphersuite|^Server Temp Key/ {printf "%s%s", sep, $2; sep = ", "}'
+}
 echo "checking that HAProxy does the gateway's job"
 start_target gw-miss
 gateway_pids=("${target_pids[@]}")
@@ -246,6 +250,7 @@ gw_base="https://127.0.0.1:$gateway_port/koodrive/ose/v1/jobs"
 hp_base="https://127.0.0.1:$haproxy_port/koodrive/ose/v1/jobs"
 for variant in nocache cache; do
   start_target "haproxy-$variant"
+  [ $variant = nocache ] && tls="gateway: $(tls_of $gateway_port); HAProxy: $(tls_of $haproxy_port)"
   for token in "$jwt" "$jwt_other"; do
     for query in "offset=0&limit=10" "offset=1&limit=3&type=2" "limit=100&offset=0&status=1"; do
       gw=$(get "$gw_base?$query" "$token")
@@ -377,6 +382,7 @@ echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc
 echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), gateway $("$bin" --version | cut -d' ' -f2)"
 echo "load: ${seconds} s x $rounds rounds, $connections connections, $wrk_threads wrk threads;" \
   "HAProxy nbthread $workers, gateway TOKIO_WORKER_THREADS=$workers (threads: $gateway_threads)"
+echo "TLS $tls"
 echo "load average (1, 5, 15 min) before: $load_before, after: $load_after"
 echo
 printf '%-24s %9s %6s %8s %8s %9s %12s %9s %7s %7s\n' target req/s spread "p50 ms" "p99 ms" "p99.9 ms" \
