@@ -134,9 +134,9 @@ impl Pipeline {
             Err(error) => (error.response(&trace_id), Some(error)),
         };
         // HTTP/1.1 cannot tell where an unread body or an oversized head
-        // ends: the connection goes with the answer.
+        // ends: the connection goes with the answer, whatever the answer.
         let close = request.version() <= http::Version::HTTP_11
-            && error.as_ref().is_some_and(GatewayError::closes_connection);
+            && (has_body(&request) || error.as_ref().is_some_and(GatewayError::closes_connection));
         let ticket = record.audit.take();
         let mut finished = record.finish(response.status(), error);
         if let Some(ticket) = ticket {

@@ -10,7 +10,16 @@
 //!   TCP window) closes the connection, so a reader that never reads holds
 //!   no stream, buffer or request record for long;
 //! - **resets**: more than `h2_max_resets_per_second` requests cancelled by
-//!   the client in one second (HTTP/2 rapid reset) close the connection.
+//!   the client in one second (HTTP/2 rapid reset) close the connection;
+//! - **shutting down**: once a graceful shutdown began (drain, or idle), a
+//!   connection with nothing in flight for `header_read_timeout` is closed
+//!   (a client that never acknowledges the GOAWAY), and the send and reset
+//!   limits keep applying to streams it still opens.
+//!
+//! Response bodies are handed to hyper in chunks of at most [`CHUNK`]
+//! bytes: hyper takes a body chunk as soon as one byte of flow-control
+//! window is open and h2 buffers it whole, so a body handed over at once
+//! would count as sent to a client that opened its window by one byte.
 //!
 //! The timer sleeps until the earliest deadline that could expire and looks
 //! again when it wakes: requests starting and ending touch only a mutex
@@ -23,7 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::{Buf, Bytes};
+use http::{Method, Request, Response, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -42,6 +52,8 @@ pub(super) enum Closing {
     SendTimeout,
     /// Too many requests cancelled by the client in one second.
     ResetFlood,
+    /// Still open, with nothing in flight, after a graceful shutdown.
+    Lingering,
 }
 
 impl Closing {
@@ -51,6 +63,7 @@ impl Closing {
             Closing::Idle => "idle",
             Closing::SendTimeout => "response not taken within the send timeout",
             Closing::ResetFlood => "too many cancelled requests",
+            Closing::Lingering => "still open after shutting down",
         }
     }
 }
@@ -77,6 +90,8 @@ struct State {
     resets: u32,
     resets_since: Instant,
     verdict: Option<Closing>,
+    /// When a graceful shutdown began.
+    shutting_down: Option<Instant>,
 }
 
 impl ConnectionWatch {
@@ -97,6 +112,7 @@ impl ConnectionWatch {
                 resets: 0,
                 resets_since: now,
                 verdict: None,
+                shutting_down: None,
             }),
             verdict_reached: Notify::new(),
         })
@@ -123,7 +139,12 @@ impl ConnectionWatch {
             return Err(closing);
         }
         let mut deadlines = Vec::with_capacity(2);
-        if state.in_flight == 0 {
+        if let Some(since) = state.shutting_down {
+            if state.in_flight == 0 {
+                let quiet_since = since.max(state.idle_since);
+                deadlines.push((quiet_since + self.first_request, Closing::Lingering));
+            }
+        } else if state.in_flight == 0 {
             if state.requests == 0 {
                 deadlines.push((state.opened + self.first_request, Closing::NoRequest));
             }
@@ -142,13 +163,19 @@ impl ConnectionWatch {
         Ok(wake_at)
     }
 
+    /// A graceful shutdown began: from now on idleness closes outright.
+    pub(super) fn shutting_down(&self) {
+        let mut state = self.lock();
+        state.shutting_down.get_or_insert_with(Instant::now);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A request head arrived: it is in flight until its response has been
     /// taken in full, or is abandoned.
-    fn begin(self: &Arc<Self>) -> InFlight {
+    fn begin(self: &Arc<Self>, version: Version) -> InFlight {
         let mut state = self.lock();
         state.requests += 1;
         state.in_flight += 1;
@@ -156,6 +183,9 @@ impl ConnectionWatch {
             watch: Arc::clone(self),
             id: state.requests,
             complete: false,
+            // An HTTP/1.1 client that leaves takes its connection with it;
+            // only HTTP/2 can cancel requests and stay.
+            counts_as_reset: version == Version::HTTP_2,
         }
     }
 }
@@ -166,6 +196,7 @@ pub(super) struct InFlight {
     watch: Arc<ConnectionWatch>,
     id: u64,
     complete: bool,
+    counts_as_reset: bool,
 }
 
 impl InFlight {
@@ -183,7 +214,7 @@ impl Drop for InFlight {
             state.idle_since = now;
         }
         state.sending.remove(&self.id);
-        if self.complete {
+        if self.complete || !self.counts_as_reset {
             return;
         }
         // Dropped before its response was taken: the client cancelled it
@@ -221,11 +252,14 @@ where
     type Future = WatchedCall<S::Future>;
 
     fn call(&self, mut request: Request<B>) -> Self::Future {
-        let in_flight = self.watch.begin();
+        let in_flight = self.watch.begin(request.version());
+        // A HEAD response's body is never sent: it ends with its head.
+        let head = request.method() == Method::HEAD;
         request.extensions_mut().insert(ClientAddr(self.peer));
         WatchedCall {
             inner: self.inner.call(request),
             in_flight: Some(in_flight),
+            head,
         }
     }
 }
@@ -236,6 +270,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
+        head: bool,
     }
 }
 
@@ -250,11 +285,13 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let in_flight = this.in_flight.take();
+        let head = *this.head;
         Poll::Ready(result.map(|response| {
             response.map(|body| {
                 let mut in_flight = in_flight;
                 if let Some(in_flight) = &mut in_flight {
                     in_flight.responding();
+                    in_flight.complete |= head;
                 }
                 WatchedBody::new(body, in_flight)
             })
@@ -262,12 +299,18 @@ where
     }
 }
 
+/// The most of a response body handed to hyper at once.
+pub(super) const CHUNK: usize = 16 * 1024;
+
 pin_project_lite::pin_project! {
-    /// A response body; its request ends when the body has been taken in
-    /// full (complete) or is dropped before (cancelled).
+    /// A response body, handed over in chunks of at most [`CHUNK`] bytes;
+    /// its request ends when the body has been taken in full (complete) or
+    /// is dropped before (cancelled).
     pub(super) struct WatchedBody<B> {
         #[pin]
         inner: B,
+        // The rest of the inner body's last data frame.
+        rest: Bytes,
         in_flight: Option<InFlight>,
     }
 }
@@ -279,21 +322,42 @@ impl<B: Body> WatchedBody<B> {
                 in_flight.complete = true;
             }
         }
-        WatchedBody { inner, in_flight }
+        WatchedBody {
+            inner,
+            rest: Bytes::new(),
+            in_flight,
+        }
     }
 }
 
 impl<B: Body> Body for WatchedBody<B> {
-    type Data = B::Data;
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if frame.is_none() || this.inner.is_end_stream() {
+        let frame = if this.rest.is_empty() {
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        *this.rest = data.copy_to_bytes(data.remaining());
+                        let chunk = this.rest.split_to(this.rest.len().min(CHUNK));
+                        Some(Ok(Frame::data(chunk)))
+                    }
+                    Err(frame) => Some(Ok(frame.map_data(|mut d| d.copy_to_bytes(d.remaining())))),
+                },
+                other => {
+                    other.map(|r| r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))))
+                }
+            }
+        } else {
+            let chunk = this.rest.split_to(this.rest.len().min(CHUNK));
+            Some(Ok(Frame::data(chunk)))
+        };
+        if frame.is_none() || (this.rest.is_empty() && this.inner.is_end_stream()) {
             if let Some(in_flight) = this.in_flight {
                 in_flight.complete = true;
             }
@@ -302,11 +366,18 @@ impl<B: Body> Body for WatchedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let rest = self.rest.len() as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -335,7 +406,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_its_first_request_an_idle_connection_closes_after_the_idle_timeout() {
         let watch = ConnectionWatch::new(&limits());
-        let mut request = watch.begin();
+        let mut request = watch.begin(Version::HTTP_2);
         request.complete = true;
         tokio::time::advance(Duration::from_secs(3)).await;
         drop(request);
@@ -347,7 +418,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_keeps_the_connection_open_until_its_response_waits_too_long() {
         let watch = ConnectionWatch::new(&limits());
-        let request = watch.begin();
+        let request = watch.begin(Version::HTTP_2);
         // Processing for longer than any timeout closes nothing.
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(watch.check(Instant::now()).is_ok());
@@ -361,7 +432,7 @@ mod tests {
     async fn cancelled_requests_beyond_the_rate_close_the_connection_at_once() {
         let watch = ConnectionWatch::new(&limits());
         for _ in 0..3 {
-            drop(watch.begin());
+            drop(watch.begin(Version::HTTP_2));
         }
         assert!(
             watch.check(Instant::now()).is_ok(),
@@ -370,7 +441,7 @@ mod tests {
         // A new second, a new count.
         tokio::time::advance(Duration::from_secs(1)).await;
         for _ in 0..3 {
-            drop(watch.begin());
+            drop(watch.begin(Version::HTTP_2));
         }
         assert!(watch.check(Instant::now()).is_ok());
         let watching = tokio::spawn({
@@ -378,7 +449,7 @@ mod tests {
             async move { watch.expired().await }
         });
         tokio::task::yield_now().await;
-        drop(watch.begin());
+        drop(watch.begin(Version::HTTP_2));
         assert_eq!(watching.await.unwrap(), Closing::ResetFlood);
     }
 
@@ -386,9 +457,54 @@ mod tests {
     async fn completed_requests_are_not_resets() {
         let watch = ConnectionWatch::new(&limits());
         for _ in 0..10 {
-            let mut request = watch.begin();
+            let mut request = watch.begin(Version::HTTP_2);
             request.complete = true;
         }
         assert!(watch.check(Instant::now()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_requests_dropped_unfinished_are_not_resets() {
+        let watch = ConnectionWatch::new(&limits());
+        for _ in 0..10 {
+            drop(watch.begin(Version::HTTP_11));
+        }
+        assert!(watch.check(Instant::now()).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_shutdown_a_connection_with_nothing_in_flight_is_closed() {
+        let watch = ConnectionWatch::new(&limits());
+        let mut request = watch.begin(Version::HTTP_2);
+        request.complete = true;
+        drop(request);
+        watch.shutting_down();
+        let since = Instant::now();
+        assert_eq!(watch.expired().await, Closing::Lingering);
+        assert_eq!(since.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_is_handed_over_in_chunks_and_completes_with_its_last() {
+        use http_body_util::{BodyExt, Full};
+        let watch = ConnectionWatch::new(&limits());
+        let request = watch.begin(Version::HTTP_2);
+        request.responding();
+        let body = Full::new(Bytes::from(vec![7u8; 2 * CHUNK + 10]));
+        let mut body = WatchedBody::new(body, Some(request));
+        let mut sizes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            sizes.push(data.len());
+            let done = body.in_flight.as_ref().unwrap().complete;
+            assert_eq!(done, sizes.iter().sum::<usize>() == 2 * CHUNK + 10);
+        }
+        assert_eq!(sizes, [CHUNK, CHUNK, 10]);
+        assert!(body.is_end_stream());
+        drop(body);
+        assert!(
+            watch.check(Instant::now()).is_ok(),
+            "a complete body is no reset"
+        );
     }
 }

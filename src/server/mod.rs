@@ -229,9 +229,17 @@ where
             }
         }
     }
-    // Draining, or idle: finish what is in flight, then close.
+    // Draining, or idle: finish what is in flight, then close — and close
+    // outright a client that lingers or stalls meanwhile.
+    watch.shutting_down();
     conn.as_mut().graceful_shutdown();
-    conn.await
+    tokio::select! {
+        result = conn => result,
+        closing = watch.expired() => {
+            tracing::debug!(%peer, reason = closing.as_str(), "closing connection");
+            Ok(())
+        }
+    }
 }
 
 /// The gateway's listeners and what they serve.
