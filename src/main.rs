@@ -151,12 +151,13 @@ fn load(path: &Path) -> Result<(Config, FileConfig)> {
 }
 
 async fn serve(path: &Path, log_json: bool) -> Result<()> {
-    let (config, _) = load(path)?;
+    let (mut config, _) = load(path)?;
     let telemetry = Telemetry::start(&config.telemetry)?;
     init_tracing_with(
         log_json || config.log.format == LogFormat::Json,
         telemetry.as_ref(),
     );
+    fit_to_file_limit(&mut config);
     let gateway = Gateway::build(&config).await?;
     let addr = gateway.local_addr()?;
     let scheme = if gateway.is_tls() { "https" } else { "http" };
@@ -175,6 +176,34 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for everything but client connections: listeners,
+/// the upstream, token and Redis pools, the audit file, JWKS fetches.
+const RESERVED_FILES: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one, and lowers
+/// `server.max_connections` to what the limit leaves room for: past it,
+/// accepting must wait in the kernel's backlog rather than fail with
+/// "too many open files" (which would also starve upstream connections).
+fn fit_to_file_limit(config: &mut Config) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "could not read or raise the open-file limit");
+            return;
+        }
+    };
+    let room = limit.saturating_sub(RESERVED_FILES).max(1);
+    let wanted = config.server.limits.max_connections as u64;
+    if wanted > room {
+        tracing::warn!(
+            max_connections = wanted,
+            open_file_limit = limit,
+            "server.max_connections lowered to {room} to fit the open-file limit (raise `ulimit -n` for more)"
+        );
+        config.server.limits.max_connections = usize::try_from(room).unwrap_or(usize::MAX);
+    }
 }
 
 async fn check_config(path: &Path, skip_files: bool) -> Result<()> {

@@ -324,8 +324,10 @@ async fn ttl_zero_turns_the_cache_off() {
 #[tokio::test]
 async fn concurrent_no_cache_requests_share_one_upstream_call() {
     let env = cached_env("ttl_ms = 5000").await;
+    // Long enough for ten TLS connections to arrive on a loaded machine
+    // while the first call is still out.
     env.emulator
-        .set_fault(Fault::Latency(Duration::from_millis(300)));
+        .set_fault(Fault::Latency(Duration::from_secs(2)));
     let mut requests = JoinSet::new();
     for _ in 0..10 {
         let env = env.clone();

@@ -1418,3 +1418,32 @@ async fn a_thousand_silent_tls_connections_are_closed_at_the_header_read_timeout
     // Measured: +13 MiB (about 1,000 connections open at the peak).
     assert_rss_growth("1,000 silent connections", baseline, peak, 32 * 1024);
 }
+
+#[tokio::test]
+async fn max_connections_is_fitted_to_the_open_file_limit() {
+    let _heavy = HEAVY.lock().await;
+    // 600 descriptors, 128 kept for everything else: 472 connections.
+    let target = Target::start(&[], Some(600)).await;
+    target
+        .serving
+        .wait_for_line("server.max_connections lowered to 472")
+        .await;
+    // More connections than that: the rest wait in the backlog instead of
+    // the gateway running out of descriptors.
+    let mut held = Vec::new();
+    for _ in 0..550 {
+        held.push(target.tcp().await);
+    }
+    target.open_connections_until(|open| open == 472).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !target
+            .serving
+            .log()
+            .iter()
+            .any(|line| line.contains("accept failed")),
+        "the gateway ran out of descriptors"
+    );
+    drop(held);
+    target.served_within_a_second().await;
+}
