@@ -103,6 +103,23 @@ async fn cache_hits_and_bad_queries_spend_budget_too() {
     assert_eq!(replies[19].header("ratelimit"), "\"per-principal\";r=0;t=2");
     assert_eq!(replies[20].status, 429);
     assert_eq!(env.get_as("u-2", PATH).await.status, 429);
+
+    // Bypassing the cache spends budget like any request: no-cache cannot
+    // turn one caller's budget into more calls to KooDrive.
+    let before = env.emulator.jobs_requests();
+    let mut bypasses = Vec::new();
+    for _ in 0..6 {
+        bypasses.push(
+            env.get_with("u-3", PATH, &[("cache-control", "no-cache")])
+                .await,
+        );
+    }
+    // `app-u-3` has a burst of 5.
+    assert!(bypasses[..5]
+        .iter()
+        .all(|r| r.header("x-cache") == "BYPASS"));
+    assert_eq!(bypasses[5].status, 429, "the 6th bypass is refused");
+    assert_eq!(env.emulator.jobs_requests() - before, 5);
 }
 
 #[tokio::test]
