@@ -1447,3 +1447,125 @@ async fn max_connections_is_fitted_to_the_open_file_limit() {
     drop(held);
     target.served_within_a_second().await;
 }
+
+/// HTTP/2 keep-alive: with a request waiting on a slow KooDrive, a client
+/// that never answers the gateway's PING is closed after the interval and
+/// the timeout; one that answers (the h2 crate) keeps its connection and
+/// gets its answer.
+#[tokio::test]
+async fn an_h2_client_that_does_not_answer_keepalive_pings_is_closed() {
+    let env = TestEnv::start_with(Options {
+        edit_config: Some(Box::new(|toml| {
+            toml.replace(
+                "shutdown_grace_ms = 100",
+                "shutdown_grace_ms = 100\nh2_keepalive_interval_ms = 1000\nh2_keepalive_timeout_ms = 1000",
+            )
+        })),
+        ..Options::default()
+    })
+    .await;
+    env.emulator
+        .set_fault(Fault::Latency(Duration::from_secs(4)));
+    let mut tls =
+        koodrive_gateway::server::tls::client_config(Some(&env.certs().join("ca.crt"))).unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnector::from(Arc::new(tls));
+    let connect = || async {
+        let tcp = TcpStream::connect(env.addr).await.unwrap();
+        connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    };
+    let bearer = format!("Bearer {}", env.token("u-1"));
+    let path = format!("{JOBS}?offset=0&limit=1");
+
+    // Deaf: a request in flight, PINGs never answered.
+    let mut deaf = connect().await;
+    let mut bytes = client_preface();
+    bytes.extend(frame(SETTINGS, 0x1, 0, &[]));
+    let block = request_block("localhost", &path, &[("authorization", &bearer)]);
+    bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &block));
+    let started = Instant::now();
+    deaf.write_all(&bytes).await.unwrap();
+    let (events, closed) = read_frames(&mut deaf, Duration::from_secs(10), |_| false).await;
+    let after = started.elapsed();
+    assert!(closed, "still open after 10 s: {events:?}");
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_millis(3900),
+        "closed {after:?} after the request (interval 1 s + timeout 1 s; KooDrive answers at 4 s)"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Response(1, ..))),
+        "{events:?}"
+    );
+
+    // Answering: the same wait, served.
+    let (mut client, connection) = h2::client::handshake(connect().await).await.unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(format!("https://localhost{path}"))
+        .header("authorization", &bearer)
+        .body(())
+        .unwrap();
+    client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+}
+
+/// `h2_max_concurrent_streams`: with two streams waiting on a slow
+/// KooDrive, a third opened anyway is refused (RST_STREAM
+/// REFUSED_STREAM); the two are served.
+#[tokio::test]
+async fn a_stream_beyond_h2_max_concurrent_streams_is_refused() {
+    let env = TestEnv::start_with(Options {
+        edit_config: Some(Box::new(|toml| {
+            toml.replace(
+                "shutdown_grace_ms = 100",
+                "shutdown_grace_ms = 100\nh2_max_concurrent_streams = 2",
+            )
+        })),
+        ..Options::default()
+    })
+    .await;
+    env.emulator
+        .set_fault(Fault::Latency(Duration::from_secs(1)));
+    let mut tls =
+        koodrive_gateway::server::tls::client_config(Some(&env.certs().join("ca.crt"))).unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut stream = TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", env.token("u-1"));
+    let mut bytes = client_preface();
+    bytes.extend(frame(SETTINGS, 0x1, 0, &[]));
+    for (stream_id, offset) in [(1, 0), (3, 1), (5, 2)] {
+        let path = format!("{JOBS}?offset={offset}&limit=1");
+        let block = request_block("localhost", &path, &[("authorization", &bearer)]);
+        bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream_id, &block));
+    }
+    stream.write_all(&bytes).await.unwrap();
+    let (events, _) = read_frames(&mut stream, Duration::from_secs(5), |events| {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Response(..)))
+            .count()
+            == 2
+    })
+    .await;
+    const REFUSED_STREAM: u32 = 0x7;
+    assert!(
+        events.contains(&Event::Reset(5, REFUSED_STREAM)),
+        "{events:?}"
+    );
+    for id in [1, 3] {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Response(s, Some(200), _) if *s == id)),
+            "{events:?}"
+        );
+    }
+    assert_eq!(env.emulator.jobs_requests(), 2);
+}
