@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::jobs::JobsQuery;
+use crate::jobs::{JobsQuery, QueryError};
 use crate::language::{Language, LANGUAGE};
 use crate::trace_id::{TraceId, TRACEPARENT, X_TRACEID};
 
@@ -28,7 +28,15 @@ pub fn query(data: &[u8]) {
             let canonical = query.canonical();
             assert_eq!(JobsQuery::parse(Some(&canonical)).as_ref(), Ok(&query));
         }
-        Err(error) => assert!(error.to_string().contains('`'), "{error}"),
+        Err(error) => {
+            let name: &str = match &error {
+                QueryError::Missing(name) | QueryError::Repeated(name) => name,
+                QueryError::Invalid { name, .. } => name,
+                QueryError::Unknown(name) => name,
+            };
+            assert!(error.to_string().contains(&format!("`{name}`")), "{error}");
+            assert!(!name.chars().any(char::is_control), "{error}");
+        }
     }
 }
 
