@@ -9,6 +9,8 @@
 // material and the cache's counters. Everything else is the crate's own.
 pub(crate) mod audit;
 pub(crate) mod auth;
+#[doc(hidden)]
+pub mod bench_api;
 pub mod cache;
 pub(crate) mod cache_control;
 pub mod config;

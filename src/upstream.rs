@@ -219,7 +219,10 @@ impl Upstream {
         }
     }
 
-    fn build_request(&self, forward: &Forward<'_>) -> Result<Request<Full<Bytes>>, GatewayError> {
+    pub(crate) fn build_request(
+        &self,
+        forward: &Forward<'_>,
+    ) -> Result<Request<Full<Bytes>>, GatewayError> {
         let uri = format!("{}?{}", self.jobs_url, forward.query.canonical());
         let header = |value: &str| {
             HeaderValue::from_str(value)
