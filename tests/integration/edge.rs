@@ -126,19 +126,44 @@ async fn with_server(lines: &str) -> TestEnv {
     .await
 }
 
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// A TLS connection to the gateway offering `alpn`.
-async fn tls_connect(
-    env: &TestEnv,
-    alpn: &[u8],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+async fn tls_connect(env: &TestEnv, alpn: &[u8]) -> Tls {
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    tls_handshake(env, tcp, alpn).await
+}
+
+/// The TLS handshake over an open connection to the gateway.
+async fn tls_handshake(env: &TestEnv, tcp: tokio::net::TcpStream, alpn: &[u8]) -> Tls {
     use koodrive_gateway::devcerts;
     use koodrive_gateway::server::tls;
     let mut config = tls::client_config(Some(&env.certs().join(devcerts::CA_CERT))).unwrap();
     config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.unwrap()
+}
+
+/// Writes `bytes` and reads until the gateway closes the connection (at
+/// most 5 s, else the test fails): everything it answered, as text.
+async fn exchange(stream: &mut Tls, bytes: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(bytes.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the connection was left open")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A whole HTTP/1.1 `GET` of the jobs path as `u-1`, closing after it.
+fn get_closing(env: &TestEnv) -> String {
+    format!(
+        "GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        env.token("u-1")
+    )
 }
 
 /// How long until the peer closes `stream` (EOF or reset), reading and
@@ -237,25 +262,10 @@ async fn a_tls_handshake_not_finished_within_handshake_timeout_is_dropped() {
     assert!(closed >= Duration::from_millis(900), "{closed:?}");
     // A client that connects, waits half the limit, then handshakes is
     // served.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut config = koodrive_gateway::server::tls::client_config(Some(
-        &env.certs().join(koodrive_gateway::devcerts::CA_CERT),
-    ))
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut slow = connector.connect(name, tcp).await.unwrap();
-    let head = format!(
-        "GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
-        env.token("u-1")
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut response)).await;
-    let response = String::from_utf8_lossy(&response);
+    let mut slow = tls_handshake(&env, tcp, b"http/1.1").await;
+    let response = exchange(&mut slow, &get_closing(&env)).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
@@ -281,15 +291,7 @@ async fn a_connection_sending_no_request_within_header_read_timeout_of_its_hands
     // A request sent half a second after the handshake is served.
     let mut late = tls_connect(&env, b"http/1.1").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let head = format!(
-        "GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
-        env.token("u-1")
-    );
-    late.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    use tokio::io::AsyncReadExt;
-    let _ = tokio::time::timeout(Duration::from_secs(5), late.read_to_end(&mut response)).await;
-    let response = String::from_utf8_lossy(&response);
+    let response = exchange(&mut late, &get_closing(&env)).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(env.emulator.jobs_requests(), 1);
 }
@@ -329,7 +331,6 @@ async fn an_h2_connection_idle_for_idle_timeout_is_shut_down_with_goaway() {
 
 #[tokio::test]
 async fn a_body_on_the_get_is_refused_and_the_http1_connection_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = TestEnv::start().await;
     let token = env.token("u-1");
     let mut stream = tls_connect(&env, b"http/1.1").await;
@@ -339,13 +340,7 @@ async fn a_body_on_the_get_is_refused_and_the_http1_connection_closed() {
         "GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-length: 5\r\n\r\nhello\
          GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .expect("the connection was left open")
-        .unwrap();
-    let response = String::from_utf8_lossy(&response);
+    let response = exchange(&mut stream, &head).await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(
         response.contains("\"code\":\"body_not_allowed\""),
@@ -360,13 +355,7 @@ async fn a_body_on_the_get_is_refused_and_the_http1_connection_closed() {
         "POST {PATH} HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
          GET {PATH} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .expect("the connection was left open")
-        .unwrap();
-    let response = String::from_utf8_lossy(&response);
+    let response = exchange(&mut stream, &head).await;
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     assert!(response.contains("connection: close"), "{response}");
     assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{response}");
