@@ -26,6 +26,7 @@ pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod rate_limit;
 pub(crate) mod record;
+pub mod reload;
 pub mod server;
 pub(crate) mod subscriber;
 pub mod telemetry;
@@ -48,10 +49,11 @@ use crate::config::{Config, JwksSource, Secrets, TokenConfig, TokenEndpoint, Ups
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::metrics::RequestMetrics;
+pub use crate::reload::{FileWatch, Reloader};
 use crate::pipeline::Pipeline;
 use crate::rate_limit::RateLimiter;
 use crate::server::admin::Readiness;
-use crate::server::tls::{self, TlsError};
+use crate::server::tls::{self, ServerTls, TlsError};
 use crate::server::Listeners;
 use crate::subscriber::InCurrentSubscriber;
 use crate::token::{TokenFileError, TokenSetupError, TokenSource};
@@ -105,26 +107,6 @@ impl StartError {
     }
 }
 
-/// Reloads what can change without a restart (SIGHUP).
-#[derive(Clone)]
-pub struct Reloader {
-    auditor: Option<Arc<Auditor>>,
-}
-
-impl Reloader {
-    /// Reopens the audit file at its configured path, for external
-    /// rotation (logrotate's `create` mode: rename, then SIGHUP).
-    pub async fn reload(&self) {
-        match &self.auditor {
-            Some(auditor) => {
-                auditor.reopen().await;
-                tracing::info!("reloaded: audit file reopened");
-            }
-            None => tracing::info!("reloaded: nothing to reload (no audit file)"),
-        }
-    }
-}
-
 /// A spawned task that ends when its owner drops it.
 struct BackgroundTask(tokio::task::JoinHandle<()>);
 
@@ -137,7 +119,7 @@ impl Drop for BackgroundTask {
 /// Everything a start reads from disk, read in one place: `check-config`
 /// stops here, [`Gateway::build`] goes on with it.
 struct Files {
-    server_tls: Option<Arc<rustls::ServerConfig>>,
+    server_tls: Option<ServerTls>,
     client_tls: rustls::ClientConfig,
     /// The key set of a `jwks_file` source.
     keys: Option<KeySet>,
@@ -172,7 +154,7 @@ impl Files {
                 .server
                 .tls
                 .as_ref()
-                .map(tls::server_config)
+                .map(ServerTls::load)
                 .transpose()?,
             client_tls: tls::client_config(config.upstream.ca_file.as_deref())?,
             keys,
@@ -191,6 +173,7 @@ pub struct Gateway {
     emulator: Option<Emulator>,
     /// Key refresh; stops with the gateway.
     tasks: Vec<BackgroundTask>,
+    reloader: Reloader,
 }
 
 impl Gateway {
@@ -258,8 +241,26 @@ impl Gateway {
             .map(|audit| Auditor::start(audit).map(Arc::new))
             .transpose()
             .map_err(StartError::Audit)?;
+        let server_tls = files.server_tls.map(Arc::new);
+        let reloader = Reloader::new(
+            server_tls.clone(),
+            Arc::clone(&keys),
+            match &config.auth.jwks {
+                JwksSource::File(path) => Some(path.clone()),
+                JwksSource::Url(_) => None,
+            },
+            match (&config.token, tokens.static_tokens()) {
+                (TokenConfig::Static { tokens_file }, Some(tokens)) => {
+                    Some((tokens, tokens_file.clone()))
+                }
+                _ => None,
+            },
+            emulator.as_ref().map(Emulator::granter),
+            auditor.clone(),
+        );
         // Every component registers its own metrics once.
         let mut registry = Registry::with_prefix(metrics::PREFIX);
+        reloader.register(&mut registry);
         keys.register(&mut registry);
         tokens.register(&mut registry);
         upstream.register(&mut registry);
@@ -318,15 +319,16 @@ impl Gateway {
             listeners: Listeners {
                 public,
                 connections,
-                tls: files.server_tls,
+                tls: server_tls.as_ref().map(|tls| tls.acceptor_config()),
                 admin,
-                grace: config.server.shutdown_grace,
+                grace: config.server.drain_timeout,
                 limits: config.server.limits,
             },
             pipeline: Arc::new(pipeline.traced(traced).head_limits(&config.server.limits)),
             auditor,
             emulator,
             tasks,
+            reloader,
         })
     }
 
@@ -373,10 +375,9 @@ impl Gateway {
         }
     }
 
-    /// What SIGHUP reloads, usable while the gateway runs.
+    /// What SIGHUP and the file watcher reload, usable while the gateway
+    /// runs.
     pub fn reloader(&self) -> Reloader {
-        Reloader {
-            auditor: self.auditor.clone(),
-        }
+        self.reloader.clone()
     }
 }

@@ -168,8 +168,24 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
         tracing::info!(addr = %admin, "admin (healthz, readyz, metrics) on http://{admin}");
     }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
-    tokio::spawn(reload_on_sighup(gateway.reloader()));
-    gateway.run(shutdown_signal()).await;
+    let reloader = gateway.reloader();
+    let _watch = reloader.watch();
+    tokio::spawn(reload_on_sighup(reloader));
+    // The first SIGTERM/SIGINT drains; a second one exits at once.
+    let (drain, draining) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining (a second signal exits at once)");
+        let _ = drain.send(());
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(EXIT_INTERRUPTED);
+    });
+    gateway
+        .run(async {
+            let _ = draining.await;
+        })
+        .await;
     if let Some(telemetry) = telemetry {
         // Export what is buffered before exit (blocking: off the runtime).
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
@@ -177,6 +193,10 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// The exit status when a second signal cuts the drain short (128 +
+/// SIGTERM's number, as a shell reports a process the signal ended).
+const EXIT_INTERRUPTED: i32 = 143;
 
 /// Descriptors kept for everything but client connections: listeners,
 /// the upstream, token and Redis pools, the audit file, JWKS fetches.
@@ -245,8 +265,8 @@ fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
     };
     // With static tokens, only users in the file can be served: warn early.
     if let TokenConfig::Static { tokens_file } = &config.token {
-        if let Ok(TokenSource::Static(map)) = TokenSource::from_static_file(tokens_file) {
-            if !map.contains_key(user) {
+        if let Ok(TokenSource::Static(tokens)) = TokenSource::from_static_file(tokens_file) {
+            if tokens.get(user).is_none() {
                 eprintln!(
                     "warning: user `{user}` has no token in {}",
                     tokens_file.display()
@@ -269,8 +289,9 @@ fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP reloads (today: reopens the audit file for external rotation)
-/// instead of ending the process.
+/// SIGHUP reloads the certificate and key, the client CA, the JWKS and
+/// static token files, and reopens the audit file, instead of ending the
+/// process.
 async fn reload_on_sighup(reloader: koodrive_gateway::Reloader) {
     #[cfg(unix)]
     {
@@ -280,6 +301,7 @@ async fn reload_on_sighup(reloader: koodrive_gateway::Reloader) {
             return;
         };
         while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
             reloader.reload().await;
         }
     }

@@ -25,7 +25,7 @@ use crate::language::Language;
 use crate::metrics::RequestMetrics;
 use crate::rate_limit::RateLimiter;
 use crate::record::{QueryText, RequestRecord};
-use crate::server::ClientAddr;
+use crate::server::{ClientAddr, ClientIdentity};
 use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
 use crate::upstream::{Forward, Upstream, UpstreamReply};
@@ -104,6 +104,10 @@ impl Pipeline {
             request.uri().path(),
             request.uri().query(),
         );
+        record.client_identity = request
+            .extensions()
+            .get::<ClientIdentity>()
+            .map(|identity| Arc::clone(&identity.0));
         // Logs written while the request is handled (token exchange, JWKS
         // refetch) carry its trace id.
         let span = tracing::info_span!("request", trace_id = %trace_id.as_str());

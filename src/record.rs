@@ -4,6 +4,7 @@
 //! line (and is where the audit record and metrics are written).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
@@ -95,6 +96,8 @@ pub(crate) struct RequestRecord {
     pub arrived: time::OffsetDateTime,
     started: Instant,
     pub client: Option<SocketAddr>,
+    /// Who the connection's client certificate names (mTLS).
+    pub client_identity: Option<Arc<str>>,
     pub method: Method,
     pub path: String,
     pub query: Option<QueryText>,
@@ -131,6 +134,7 @@ impl RequestRecord {
             arrived: time::OffsetDateTime::now_utc(),
             started: Instant::now(),
             client,
+            client_identity: None,
             method: method.clone(),
             path: escaped(path, MAX_PATH_CHARS),
             query: query.map(|q| QueryText::Raw(escaped(q, MAX_QUERY_CHARS))),

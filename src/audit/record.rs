@@ -14,6 +14,9 @@ struct AuditRecord<'a> {
     principal: Option<&'a str>,
     user_id: Option<&'a str>,
     client: Option<String>,
+    /// The identity the client certificate proved (`server.client_ca`; an
+    /// extension of DESIGN.md's fields), or null.
+    client_identity: Option<&'a str>,
     method: &'a str,
     path: &'a str,
     query: Option<&'a str>,
@@ -49,6 +52,7 @@ pub(crate) fn audit_line(finished: &Finished<'_>) -> Vec<u8> {
         principal: r.principal.as_deref(),
         user_id: r.user_id.as_deref(),
         client: r.client.map(|c| c.to_string()),
+        client_identity: r.client_identity.as_deref(),
         method: r.method.as_str(),
         path: &r.path,
         query: r.query.as_ref().map(|q| q.as_str()),

@@ -142,6 +142,15 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
+    /// Each key's `kid`, `alg` and identity: equal for two loads of the
+    /// same keys.
+    fn fingerprint(&self) -> Vec<(Option<&str>, Option<KeyAlgorithm>, KeyId)> {
+        self.keys
+            .iter()
+            .map(|k| (k.kid.as_deref(), k.alg, k.id))
+            .collect()
+    }
+
     /// The key for a token signed with `alg` and carrying `kid`. Without a
     /// `kid`, only an unambiguous key (exactly one of the right family) is
     /// used. A key never verifies an algorithm outside its family or other
@@ -347,6 +356,26 @@ impl KeyStore {
     fn count(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.refreshes.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Reads `auth.jwks_file` again (SIGHUP, a change on disk): a document
+    /// that parses and holds a usable key replaces the current set — and
+    /// the verified-token cache then refuses tokens whose key left it;
+    /// anything else leaves the current set serving. Returns whether the
+    /// keys changed; `Ok(false)` as well for a URL source, which refreshes
+    /// on its own schedule.
+    pub(crate) async fn reload_file(&self) -> Result<bool, JwksError> {
+        let JwksSource::File(path) = &self.source else {
+            return Ok(false);
+        };
+        let set = KeySet::from_file(path).await?;
+        let changed = self
+            .current()
+            .is_none_or(|current| current.fingerprint() != set.fingerprint());
+        if changed {
+            self.replace(set);
+        }
+        Ok(changed)
     }
 
     /// Whether the key set can change without a restart, so that

@@ -25,7 +25,7 @@ const MIB: u64 = 1024 * 1024;
 /// timeout) or break the gateway (a cache smaller than one entry).
 pub const NUMERIC_KEYS: &[Bound] = &[
     // 0 = close at once; over an hour, a deploy would wait for ever.
-    bound("server.shutdown_grace_ms", 0, HOUR_MS),
+    bound("server.drain_timeout_ms", 0, HOUR_MS),
     bound("server.max_header_bytes", 1024, 1024 * 1024),
     bound("server.max_connections", 1, 1_000_000),
     // Below a second, slow but honest clients would be cut off.

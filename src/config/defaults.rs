@@ -2,8 +2,8 @@
 //! types name these in `#[serde(default = …)]`, so `check-config` prints
 //! them as effective values.
 
-pub(super) fn shutdown_grace_ms() -> u64 {
-    10_000
+pub(super) fn drain_timeout_ms() -> u64 {
+    30_000
 }
 pub(super) const fn max_header_bytes() -> u64 {
     16 * 1024

@@ -479,7 +479,7 @@ mod tests {
             "max_bytes = 67108864",
             "stale_if_error_ms = 0",
             "honor_client_no_cache = true",
-            "shutdown_grace_ms = 10000",
+            "drain_timeout_ms = 30000",
             "max_response_bytes = 8388608",
             "mode = \"exchange\"",
             "client_secret_env = \"KOODRIVE_GATEWAY_CONFIG_TEST_UNSET\"",
@@ -489,6 +489,16 @@ mod tests {
         assert_eq!(printed.matches("mode = ").count(), 1, "{printed}");
         // The printed file is itself a valid configuration.
         assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+    }
+
+    #[test]
+    fn the_earlier_name_of_the_drain_timeout_is_still_accepted() {
+        let old = EXCHANGE.replace("[server]", "[server]\nshutdown_grace_ms = 1234");
+        let config = Config::from_toml(&old).map_err(|e| e.to_string());
+        assert_eq!(
+            config.map(|c| c.server.drain_timeout),
+            Ok(Duration::from_millis(1234))
+        );
     }
 
     #[test]

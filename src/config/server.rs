@@ -16,11 +16,16 @@ pub struct FileServer {
     pub listen: SocketAddr,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when set, every client must present a
+    /// certificate issued by one of them (mTLS).
+    pub client_ca: Option<PathBuf>,
     /// When set, missing development material (CA, server certificate, JWT
     /// signing key and JWKS) is created in this directory at start-up.
     pub dev_certs_dir: Option<PathBuf>,
-    #[serde(default = "defaults::shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
+    /// How long in-flight requests may finish after SIGTERM/SIGINT
+    /// (`shutdown_grace_ms` is its earlier name).
+    #[serde(default = "defaults::drain_timeout_ms", alias = "shutdown_grace_ms")]
+    pub drain_timeout_ms: u64,
     /// Plain-HTTP listener for `/healthz` and `/readyz`.
     pub admin_listen: Option<SocketAddr>,
     /// Request line plus headers; beyond it, 431.
@@ -74,7 +79,7 @@ pub struct ServerConfig {
     /// Where `/healthz` and `/readyz` are served (plain HTTP).
     pub admin_listen: Option<SocketAddr>,
     /// How long in-flight requests may finish after a shutdown signal.
-    pub shutdown_grace: Duration,
+    pub drain_timeout: Duration,
     pub limits: ServerLimits,
 }
 
@@ -118,6 +123,9 @@ impl ServerLimits {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// CA certificates client certificates must chain to; `None` means no
+    /// client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl FileServer {
@@ -126,7 +134,14 @@ impl FileServer {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
+                client_ca: self.client_ca.clone(),
             }),
+            (None, None) if self.client_ca.is_some() => {
+                return Err(invalid(
+                    "server.client_ca",
+                    "needs server.tls_cert and server.tls_key: client certificates are a part of TLS",
+                ))
+            }
             (None, None) => None,
             (Some(_), None) => {
                 return Err(invalid(
@@ -154,7 +169,7 @@ impl FileServer {
             admin_listen: self.admin_listen,
             tls,
             dev_certs_dir: self.dev_certs_dir.clone(),
-            shutdown_grace: bounds::millis("server.shutdown_grace_ms", self.shutdown_grace_ms)?,
+            drain_timeout: bounds::millis("server.drain_timeout_ms", self.drain_timeout_ms)?,
             limits: ServerLimits {
                 max_header_bytes: bounds::size("server.max_header_bytes", self.max_header_bytes)?,
                 max_connections: bounds::size("server.max_connections", self.max_connections)?,
@@ -215,6 +230,18 @@ mod tests {
             .to_string();
         assert!(err.contains("`server.admin_listen`"), "{err}");
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn client_certificates_without_tls_are_refused() {
+        let plain = super::super::testing::STATIC
+            .replace("tls_cert = \"certs/dev/server.crt\"", "client_ca = \"ca.pem\"")
+            .replace("tls_key = \"certs/dev/server.key\"", "");
+        let err = super::super::Config::from_toml(&plain)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`server.client_ca`"), "{err}");
+        assert!(err.contains("server.tls_cert"), "{err}");
     }
 
     #[test]

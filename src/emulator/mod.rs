@@ -128,6 +128,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Grants access tokens on a running emulator.
+#[derive(Clone)]
+pub(crate) struct Granter(Arc<State>);
+
+impl Granter {
+    /// Makes `token` valid for `user_id`, without expiry.
+    pub(crate) fn grant(&self, token: &str, user_id: &str) {
+        lock(&self.0.tokens).insert(
+            token.to_owned(),
+            TokenGrant {
+                user_id: user_id.to_owned(),
+                expires_at: None,
+            },
+        );
+    }
+}
+
 /// A running emulator; stops when dropped.
 pub struct Emulator {
     addr: SocketAddr,
@@ -202,13 +219,13 @@ impl Emulator {
 
     /// Makes `token` a valid, non-expiring access token for `user_id`.
     pub fn grant(&self, token: &str, user_id: &str) {
-        lock(&self.state.tokens).insert(
-            token.to_owned(),
-            TokenGrant {
-                user_id: user_id.to_owned(),
-                expires_at: None,
-            },
-        );
+        self.granter().grant(token, user_id);
+    }
+
+    /// A handle that grants tokens while the emulator runs (a reload of
+    /// the gateway's static tokens provisions the embedded emulator too).
+    pub(crate) fn granter(&self) -> Granter {
+        Granter(Arc::clone(&self.state))
     }
 
     /// Invalidates `token`.

@@ -38,7 +38,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::ClientAddr;
+use super::{ClientAddr, ClientIdentity};
 use crate::config::ServerLimits;
 
 /// Why a connection is being closed.
@@ -232,13 +232,14 @@ impl Drop for InFlight {
     }
 }
 
-/// The service of one connection: puts the peer's address into each
-/// request's extensions and tells the watch when requests start, have a
-/// response ready, and end.
+/// The service of one connection: puts the peer's address (and the
+/// identity its client certificate proved) into each request's extensions
+/// and tells the watch when requests start, have a response ready, and end.
 #[derive(Clone)]
 pub(super) struct Watched<S> {
     pub(super) inner: S,
     pub(super) peer: std::net::SocketAddr,
+    pub(super) identity: Option<ClientIdentity>,
     pub(super) watch: Arc<ConnectionWatch>,
 }
 
@@ -256,6 +257,9 @@ where
         // A HEAD response's body is never sent: it ends with its head.
         let head = request.method() == Method::HEAD;
         request.extensions_mut().insert(ClientAddr(self.peer));
+        if let Some(identity) = &self.identity {
+            request.extensions_mut().insert(identity.clone());
+        }
         WatchedCall {
             inner: self.inner.call(request),
             in_flight: Some(in_flight),

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,6 +55,12 @@ const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Who the client certificate of the connection a request arrived on names
+/// (`server.client_ca`; see [`tls::client_identity`]). Present only when a
+/// certificate was verified and names someone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity(pub Arc<str>);
+
 /// Serves `service` on `listener` until `shutdown` resolves, then lets
 /// in-flight connections finish for at most `grace`.
 ///
@@ -75,7 +82,7 @@ pub async fn serve<S, B>(
 {
     serve_counted(
         listener,
-        tls,
+        tls.map(|config| Arc::new(ArcSwap::new(config))),
         service,
         shutdown,
         grace,
@@ -89,7 +96,7 @@ pub async fn serve<S, B>(
 /// connections.
 async fn serve_counted<S, B>(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -103,7 +110,6 @@ async fn serve_counted<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let acceptor = tls.map(TlsAcceptor::from);
     let executor = CurrentSubscriberExecutor::current();
     let builder = http_builder(executor.clone(), &limits);
     // Beyond `max_connections` accepting waits: the kernel's backlog holds
@@ -140,7 +146,9 @@ async fn serve_counted<S, B>(
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let builder = builder.clone();
-        let acceptor = acceptor.clone();
+        // Each handshake takes the configuration current when it starts: a
+        // reload changes new connections only.
+        let acceptor = tls.as_ref().map(|tls| TlsAcceptor::from(tls.load_full()));
         let open = connections.clone().map(OpenConnection::new);
         let (draining, mut closed) = (draining.clone(), closed.clone());
         executor.spawn(async move {
@@ -160,9 +168,20 @@ async fn serve_counted<S, B>(
                     None => Accepted::Plain(stream),
                 };
                 let watch = ConnectionWatch::new(&limits);
+                let identity = match &stream {
+                    Accepted::Tls(tls) => tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(<[_]>::first)
+                        .and_then(tls::client_identity)
+                        .map(|id| ClientIdentity(id.into())),
+                    Accepted::Plain(_) => None,
+                };
                 let service = Watched {
                     inner: service,
                     peer,
+                    identity,
                     watch: Arc::clone(&watch),
                 };
                 match stream {
@@ -247,7 +266,8 @@ pub(crate) struct Listeners {
     pub public: TcpListener,
     /// `open_connections` on the public listener.
     pub connections: Gauge,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS configuration new connections use, swapped by reloads.
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The admin listener and what readiness looks at.
     pub admin: Option<(TcpListener, admin::Readiness)>,
     pub grace: Duration,

@@ -1,14 +1,20 @@
 //! rustls configuration, one crypto provider (aws-lc-rs) for everything:
-//! the inbound server (TLS 1.2/1.3, ALPN h2 + http/1.1) and the upstream
-//! client (Mozilla roots plus an optional extra CA).
+//! the inbound server (TLS 1.2/1.3, ALPN h2 + http/1.1, optional client
+//! certificates; certificate, key and client CA reloadable) and the
+//! upstream client (Mozilla roots plus an optional extra CA).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsFiles;
 
@@ -68,22 +74,238 @@ pub fn read_certs(
     Ok(certs)
 }
 
-/// The inbound server configuration.
+/// The inbound TLS: the server's certificate and key and, with
+/// `client_ca`, the verifier of client certificates. A reload swaps either
+/// for new connections only; a file that fails its checks leaves the
+/// current one serving.
+pub struct ServerTls {
+    files: TlsFiles,
+    /// The certificate every handshake presents (through [`CurrentCert`]).
+    cert: Arc<CurrentCert>,
+    /// What a new connection's handshake uses; replaced when `client_ca`
+    /// changes (the certificate is swapped inside, in place).
+    config: Arc<ArcSwap<ServerConfig>>,
+    /// The bytes last loaded, so that a reload of unchanged files is a
+    /// no-op.
+    loaded: Mutex<Loaded>,
+}
+
+#[derive(Default)]
+struct Loaded {
+    cert: Vec<u8>,
+    client_ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a reload replaced what was serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The files hold what is already serving.
+    Unchanged,
+    /// New connections use the new files.
+    Replaced,
+}
+
+impl ServerTls {
+    /// Loads the certificate, its key and the client CA, refusing what a
+    /// reload would refuse.
+    pub fn load(files: &TlsFiles) -> Result<ServerTls, TlsError> {
+        let (cert_bytes, certified) = load_certified(files)?;
+        let cert = Arc::new(CurrentCert(ArcSwap::from_pointee(certified)));
+        let (client_ca, verifier) = match &files.client_ca {
+            Some(path) => {
+                let (bytes, verifier) = load_client_verifier(path)?;
+                (bytes, Some(verifier))
+            }
+            None => (Vec::new(), None),
+        };
+        let config = build_config(Arc::clone(&cert), verifier)?;
+        Ok(ServerTls {
+            files: files.clone(),
+            cert,
+            config: Arc::new(ArcSwap::new(config)),
+            loaded: Mutex::new(Loaded {
+                cert: cert_bytes,
+                client_ca,
+            }),
+        })
+    }
+
+    /// What new connections' handshakes use, swapped by reloads.
+    pub(crate) fn acceptor_config(&self) -> Arc<ArcSwap<ServerConfig>> {
+        Arc::clone(&self.config)
+    }
+
+    /// Whether client certificates are required.
+    pub fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// The serving certificate's end of validity (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        let certified = self.cert.0.load();
+        let der = certified.cert.first()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(parsed.validity().not_after.timestamp())
+    }
+
+    /// Reads the certificate and key again; swaps them in when they
+    /// changed and pass the checks of [`ServerTls::load`].
+    pub fn reload_cert(&self) -> Result<Reloaded, TlsError> {
+        let bytes = read_pair_bytes(&self.files)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if bytes == loaded.cert {
+            return Ok(Reloaded::Unchanged);
+        }
+        let (bytes, certified) = load_certified(&self.files)?;
+        self.cert.0.store(Arc::new(certified));
+        loaded.cert = bytes;
+        Ok(Reloaded::Replaced)
+    }
+
+    /// Reads `client_ca` again; new handshakes verify against it when it
+    /// changed and holds at least one usable CA certificate.
+    pub fn reload_client_ca(&self) -> Result<Reloaded, TlsError> {
+        let Some(path) = &self.files.client_ca else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let bytes = std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if bytes == loaded.client_ca {
+            return Ok(Reloaded::Unchanged);
+        }
+        let (bytes, verifier) = load_client_verifier(path)?;
+        let config = build_config(Arc::clone(&self.cert), Some(verifier))?;
+        self.config.store(config);
+        loaded.client_ca = bytes;
+        Ok(Reloaded::Replaced)
+    }
+
+    /// The files this reads, for a watcher.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
+        paths.extend(self.files.client_ca.clone());
+        paths
+    }
+}
+
+/// The inbound server configuration, fixed (the emulator and test servers;
+/// the gateway's own is a [`ServerTls`]).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = read_certs("server.tls_cert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| file_error("server.tls_key", &files.key, e))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Pair {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            reason: e.to_string(),
-        })?;
+    Ok(ServerTls::load(files)?.config.load_full())
+}
+
+/// The certificate every handshake presents, swapped whole on reload.
+#[derive(Debug)]
+struct CurrentCert(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+fn build_config(
+    cert: Arc<CurrentCert>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate and key files' bytes together (what a reload compares).
+fn read_pair_bytes(files: &TlsFiles) -> Result<Vec<u8>, TlsError> {
+    let mut bytes =
+        std::fs::read(&files.cert).map_err(|e| file_error("server.tls_cert", &files.cert, e))?;
+    bytes.extend(
+        std::fs::read(&files.key).map_err(|e| file_error("server.tls_key", &files.key, e))?,
+    );
+    Ok(bytes)
+}
+
+/// Loads the chain and its key: they must parse, form a pair, and the
+/// certificate must not have expired.
+fn load_certified(files: &TlsFiles) -> Result<(Vec<u8>, CertifiedKey), TlsError> {
+    // Read once for comparison and once for parsing: a file replaced in
+    // between at worst makes the next reload load it again.
+    let bytes = read_pair_bytes(files)?;
+    let chain = read_certs("server.tls_cert", &files.cert)?;
+    check_validity("server.tls_cert", &files.cert, &chain[0])?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| file_error("server.tls_key", &files.key, e))?;
+    let pair_error = |reason: String| TlsError::Pair {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason,
+    };
+    // Refuses a key that does not match the certificate's public key.
+    let certified =
+        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| pair_error(e.to_string()))?;
+    Ok((bytes, certified))
+}
+
+/// A certificate that has expired is refused: serving it would fail every
+/// handshake.
+fn check_validity(key: &'static str, path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| file_error(key, path, format!("certificate does not parse: {e}")))?;
+    let not_after = parsed.validity().not_after;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    if not_after.timestamp() < now {
+        return Err(file_error(key, path, format!("certificate expired at {not_after}")));
+    }
+    Ok(())
+}
+
+/// Reads `client_ca` into a verifier that requires a client certificate
+/// chaining to one of its certificates.
+fn load_client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>), TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs("server.client_ca", path)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error("server.client_ca", path, e))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| file_error("server.client_ca", path, e))?;
+    Ok((bytes, verifier))
+}
+
+/// Who a verified client certificate names: its first URI subject
+/// alternative name (a SPIFFE id in a mesh), else its first DNS name.
+pub(crate) fn client_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let names = &san.value.general_names;
+    let uri = names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let dns = || {
+        names.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        })
+    };
+    uri.or_else(dns).map(str::to_owned)
 }
 
 /// The upstream client configuration: Mozilla's roots, plus `extra_ca`.

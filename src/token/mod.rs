@@ -10,6 +10,8 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::auth::Authenticated;
 use crate::config::{Config, ExchangeConfig, Secret, Secrets, TokenConfig, TokenEndpoint};
 use crate::emulator::Emulator;
@@ -73,10 +75,51 @@ pub enum TokenSetupError {
     EmulatorUrl,
 }
 
+/// Fixed tokens per KooDrive user id, from `token.static_tokens_file`;
+/// replaced whole by a reload.
+#[derive(Default)]
+pub struct StaticTokens {
+    map: ArcSwap<HashMap<String, AccessToken>>,
+}
+
+impl StaticTokens {
+    /// The token of `user_id`, if the file has one.
+    pub fn get(&self, user_id: &str) -> Option<AccessToken> {
+        self.map.load().get(user_id).cloned()
+    }
+
+    /// How many users the file provisions.
+    pub fn len(&self) -> usize {
+        self.map.load().len()
+    }
+
+    /// Whether the file provisions no user.
+    pub fn is_empty(&self) -> bool {
+        self.map.load().is_empty()
+    }
+
+    /// Reads `path` again; on success serves its tokens from now on and
+    /// returns whether they differ from the previous ones. A file that
+    /// cannot be used leaves the previous tokens in place.
+    pub(crate) fn reload(&self, path: &Path) -> Result<bool, TokenFileError> {
+        let map = read_static_file(path)?;
+        let changed = **self.map.load() != map;
+        if changed {
+            self.map.store(Arc::new(map));
+        }
+        Ok(changed)
+    }
+
+    pub(crate) fn grants(&self) -> Vec<(String, AccessToken)> {
+        let map = self.map.load();
+        map.iter().map(|(u, t)| (u.clone(), t.clone())).collect()
+    }
+}
+
 /// Where KooDrive tokens come from.
 pub enum TokenSource {
     /// Fixed tokens per KooDrive user id.
-    Static(HashMap<String, AccessToken>),
+    Static(Arc<StaticTokens>),
     /// Tokens exchanged per (principal, user id) and cached.
     Exchange(TokenCache<HttpTokenEndpoint>),
 }
@@ -84,7 +127,9 @@ pub enum TokenSource {
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TokenSource::Static(map) => write!(f, "TokenSource::Static({} users)", map.len()),
+            TokenSource::Static(tokens) => {
+                write!(f, "TokenSource::Static({} users)", tokens.len())
+            }
             TokenSource::Exchange(_) => f.write_str("TokenSource::Exchange"),
         }
     }
@@ -163,36 +208,17 @@ impl TokenSource {
 
     /// Loads a static token file: `{"<user id>": "<token>", …}`.
     pub fn from_static_file(path: &Path) -> Result<TokenSource, TokenFileError> {
-        let display = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| TokenFileError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        let map: HashMap<String, String> =
-            serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Parse {
-                path: display.clone(),
-                source,
-            })?;
-        let mut tokens = HashMap::with_capacity(map.len());
-        for (user, token) in map {
-            if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
-            {
-                return Err(TokenFileError::BadToken {
-                    path: display,
-                    user,
-                });
-            }
-            tokens.insert(user, AccessToken::new(token));
-        }
-        Ok(TokenSource::Static(tokens))
+        let map = read_static_file(path)?;
+        Ok(TokenSource::Static(Arc::new(StaticTokens {
+            map: ArcSwap::from_pointee(map),
+        })))
     }
 
     /// The KooDrive token to use for this caller's requests.
     pub async fn token_for(&self, caller: &Authenticated) -> Result<AccessToken, GatewayError> {
         match self {
-            TokenSource::Static(map) => map
+            TokenSource::Static(tokens) => tokens
                 .get(&caller.principal.user_id)
-                .cloned()
                 .ok_or(GatewayError::UserNotProvisioned),
             TokenSource::Exchange(cache) => cache.token_for(caller).await,
         }
@@ -218,14 +244,49 @@ impl TokenSource {
         }
     }
 
+    /// The static tokens, reloadable, when this is a static source.
+    pub(crate) fn static_tokens(&self) -> Option<Arc<StaticTokens>> {
+        match self {
+            TokenSource::Static(tokens) => Some(Arc::clone(tokens)),
+            TokenSource::Exchange(_) => None,
+        }
+    }
+
     /// Every (user id, token) pair a static source holds; used to provision
     /// the embedded emulator with the same credentials.
     pub fn static_grants(&self) -> Vec<(String, AccessToken)> {
         match self {
-            TokenSource::Static(map) => map.iter().map(|(u, t)| (u.clone(), t.clone())).collect(),
+            TokenSource::Static(tokens) => tokens.grants(),
             TokenSource::Exchange(_) => Vec::new(),
         }
     }
+}
+
+/// Reads and checks a static token file: `{"<user id>": "<token>", …}`,
+/// every token usable in a header.
+fn read_static_file(path: &Path) -> Result<HashMap<String, AccessToken>, TokenFileError> {
+    let display = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| TokenFileError::Read {
+        path: display.clone(),
+        source,
+    })?;
+    let map: HashMap<String, String> =
+        serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Parse {
+            path: display.clone(),
+            source,
+        })?;
+    let mut tokens = HashMap::with_capacity(map.len());
+    for (user, token) in map {
+        if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
+        {
+            return Err(TokenFileError::BadToken {
+                path: display,
+                user,
+            });
+        }
+        tokens.insert(user, AccessToken::new(token));
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]

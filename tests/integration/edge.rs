@@ -46,8 +46,8 @@ async fn beyond_max_connections_accepting_waits_until_one_closes() {
     let env = TestEnv::start_with(Options {
         edit_config: Some(Box::new(|toml| {
             toml.replace(
-                "shutdown_grace_ms = 100",
-                "shutdown_grace_ms = 100\nmax_connections = 2\nhandshake_timeout_ms = 60000",
+                "drain_timeout_ms = 100",
+                "drain_timeout_ms = 100\nmax_connections = 2\nhandshake_timeout_ms = 60000",
             )
         })),
         ..Options::default()
@@ -117,8 +117,8 @@ async fn with_server(lines: &str) -> TestEnv {
     TestEnv::start_with(Options {
         edit_config: Some(Box::new(move |toml| {
             toml.replace(
-                "shutdown_grace_ms = 100",
-                &format!("shutdown_grace_ms = 100\n{lines}"),
+                "drain_timeout_ms = 100",
+                &format!("drain_timeout_ms = 100\n{lines}"),
             )
         })),
         ..Options::default()

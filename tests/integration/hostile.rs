@@ -1049,8 +1049,8 @@ async fn rapid_reset_of_requests_in_flight_closes_the_connection() {
             exchange: true,
             edit_config: Some(Box::new(|toml| {
                 toml.replace(
-                    "shutdown_grace_ms = 100",
-                    "shutdown_grace_ms = 100\nh2_max_resets_per_second = 50",
+                    "drain_timeout_ms = 100",
+                    "drain_timeout_ms = 100\nh2_max_resets_per_second = 50",
                 )
             })),
             ..Options::default()
@@ -1457,8 +1457,8 @@ async fn an_h2_client_that_does_not_answer_keepalive_pings_is_closed() {
     let env = TestEnv::start_with(Options {
         edit_config: Some(Box::new(|toml| {
             toml.replace(
-                "shutdown_grace_ms = 100",
-                "shutdown_grace_ms = 100\nh2_keepalive_interval_ms = 1000\nh2_keepalive_timeout_ms = 1000",
+                "drain_timeout_ms = 100",
+                "drain_timeout_ms = 100\nh2_keepalive_interval_ms = 1000\nh2_keepalive_timeout_ms = 1000",
             )
         })),
         ..Options::default()
@@ -1520,8 +1520,8 @@ async fn a_stream_beyond_h2_max_concurrent_streams_is_refused() {
     let env = TestEnv::start_with(Options {
         edit_config: Some(Box::new(|toml| {
             toml.replace(
-                "shutdown_grace_ms = 100",
-                "shutdown_grace_ms = 100\nh2_max_concurrent_streams = 2",
+                "drain_timeout_ms = 100",
+                "drain_timeout_ms = 100\nh2_max_concurrent_streams = 2",
             )
         })),
         ..Options::default()

@@ -17,7 +17,7 @@ async fn shutdown_drains_in_flight_requests_and_reports_not_ready() {
     // In-flight requests get 5 s to finish (the harness's default is 100 ms).
     let env = TestEnv::start_with(Options {
         edit_config: Some(Box::new(|toml| {
-            toml.replace("shutdown_grace_ms = 100", "shutdown_grace_ms = 5000")
+            toml.replace("drain_timeout_ms = 100", "drain_timeout_ms = 5000")
         })),
         ..Options::default()
     })

@@ -205,7 +205,7 @@ impl TestEnv {
             admin_listen = "127.0.0.1:0"
             tls_cert = "{certs}/server.crt"
             tls_key = "{certs}/server.key"
-            shutdown_grace_ms = 100
+            drain_timeout_ms = 100
             [upstream]
             base_url = "{upstream}"
             ca_file = "{certs}/ca.crt"
