@@ -49,9 +49,9 @@ use crate::config::{Config, JwksSource, Secrets, TokenConfig, TokenEndpoint, Ups
 use crate::devcerts::DevCertError;
 use crate::emulator::Emulator;
 use crate::metrics::RequestMetrics;
-pub use crate::reload::{FileWatch, Reloader};
 use crate::pipeline::Pipeline;
 use crate::rate_limit::RateLimiter;
+pub use crate::reload::{FileWatch, Reloader};
 use crate::server::admin::Readiness;
 use crate::server::tls::{self, ServerTls, TlsError};
 use crate::server::Listeners;
@@ -174,6 +174,8 @@ pub struct Gateway {
     /// Key refresh; stops with the gateway.
     tasks: Vec<BackgroundTask>,
     reloader: Reloader,
+    /// `server.watch_files`.
+    watch: bool,
 }
 
 impl Gateway {
@@ -329,6 +331,7 @@ impl Gateway {
             emulator,
             tasks,
             reloader,
+            watch: config.server.watch_files,
         })
     }
 
@@ -379,5 +382,10 @@ impl Gateway {
     /// runs.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
+    }
+
+    /// Watches the files for changes, unless `server.watch_files` is off.
+    pub fn watch_files(&self) -> Option<FileWatch> {
+        self.watch.then(|| self.reloader.watch()).flatten()
     }
 }

@@ -168,9 +168,8 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
         tracing::info!(addr = %admin, "admin (healthz, readyz, metrics) on http://{admin}");
     }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
-    let reloader = gateway.reloader();
-    let _watch = reloader.watch();
-    tokio::spawn(reload_on_sighup(reloader));
+    let _watch = gateway.watch_files();
+    tokio::spawn(reload_on_sighup(gateway.reloader()));
     // The first SIGTERM/SIGINT drains; a second one exits at once.
     let (drain, draining) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {

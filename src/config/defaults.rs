@@ -2,6 +2,9 @@
 //! types name these in `#[serde(default = …)]`, so `check-config` prints
 //! them as effective values.
 
+pub(super) fn watch_files() -> bool {
+    true
+}
 pub(super) fn drain_timeout_ms() -> u64 {
     30_000
 }

@@ -28,6 +28,10 @@ pub struct FileServer {
     pub drain_timeout_ms: u64,
     /// Plain-HTTP listener for `/healthz` and `/readyz`.
     pub admin_listen: Option<SocketAddr>,
+    /// Reload the TLS, JWKS and token files when they change on disk
+    /// (SIGHUP reloads them either way).
+    #[serde(default = "defaults::watch_files")]
+    pub watch_files: bool,
     /// Request line plus headers; beyond it, 431.
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: u64,
@@ -78,6 +82,8 @@ pub struct ServerConfig {
     pub dev_certs_dir: Option<PathBuf>,
     /// Where `/healthz` and `/readyz` are served (plain HTTP).
     pub admin_listen: Option<SocketAddr>,
+    /// Whether a change of the files on disk reloads them.
+    pub watch_files: bool,
     /// How long in-flight requests may finish after a shutdown signal.
     pub drain_timeout: Duration,
     pub limits: ServerLimits,
@@ -136,12 +142,10 @@ impl FileServer {
                 key: key.clone(),
                 client_ca: self.client_ca.clone(),
             }),
-            (None, None) if self.client_ca.is_some() => {
-                return Err(invalid(
-                    "server.client_ca",
-                    "needs server.tls_cert and server.tls_key: client certificates are a part of TLS",
-                ))
-            }
+            (None, None) if self.client_ca.is_some() => return Err(invalid(
+                "server.client_ca",
+                "needs server.tls_cert and server.tls_key: client certificates are a part of TLS",
+            )),
             (None, None) => None,
             (Some(_), None) => {
                 return Err(invalid(
@@ -167,6 +171,7 @@ impl FileServer {
         Ok(ServerConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
+            watch_files: self.watch_files,
             tls,
             dev_certs_dir: self.dev_certs_dir.clone(),
             drain_timeout: bounds::millis("server.drain_timeout_ms", self.drain_timeout_ms)?,
@@ -235,7 +240,10 @@ mod tests {
     #[test]
     fn client_certificates_without_tls_are_refused() {
         let plain = super::super::testing::STATIC
-            .replace("tls_cert = \"certs/dev/server.crt\"", "client_ca = \"ca.pem\"")
+            .replace(
+                "tls_cert = \"certs/dev/server.crt\"",
+                "client_ca = \"ca.pem\"",
+            )
             .replace("tls_key = \"certs/dev/server.key\"", "");
         let err = super::super::Config::from_toml(&plain)
             .unwrap_err()

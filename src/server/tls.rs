@@ -260,7 +260,11 @@ fn load_certified(files: &TlsFiles) -> Result<(Vec<u8>, CertifiedKey), TlsError>
 
 /// A certificate that has expired is refused: serving it would fail every
 /// handshake.
-fn check_validity(key: &'static str, path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+fn check_validity(
+    key: &'static str,
+    path: &Path,
+    cert: &CertificateDer<'_>,
+) -> Result<(), TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| file_error(key, path, format!("certificate does not parse: {e}")))?;
     let not_after = parsed.validity().not_after;
@@ -268,7 +272,11 @@ fn check_validity(key: &'static str, path: &Path, cert: &CertificateDer<'_>) -> 
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     if not_after.timestamp() < now {
-        return Err(file_error(key, path, format!("certificate expired at {not_after}")));
+        return Err(file_error(
+            key,
+            path,
+            format!("certificate expired at {not_after}"),
+        ));
     }
     Ok(())
 }

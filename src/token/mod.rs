@@ -277,8 +277,7 @@ fn read_static_file(path: &Path) -> Result<HashMap<String, AccessToken>, TokenFi
         })?;
     let mut tokens = HashMap::with_capacity(map.len());
     for (user, token) in map {
-        if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err()
-        {
+        if token.is_empty() || http::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
             return Err(TokenFileError::BadToken {
                 path: display,
                 user,

@@ -408,7 +408,7 @@ async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
     let rotated = dir.path().join("audit.log.rotated");
     std::fs::rename(&audit, &rotated).unwrap();
     serving.signal("HUP").await;
-    serving.wait_for_line("reloaded").await;
+    serving.wait_for_line("reload done").await;
     assert_eq!(
         client.request(get("after-hup")).await.unwrap().status(),
         401

@@ -120,6 +120,7 @@ async fn an_upstream_with_an_untrusted_certificate_is_refused() {
     let tls = koodrive_gateway::server::tls::server_config(&koodrive_gateway::config::TlsFiles {
         cert: other.path().join("server.crt"),
         key: other.path().join("server.key"),
+        client_ca: None,
     })
     .unwrap();
     let rogue = koodrive_gateway::emulator::Emulator::start(([127, 0, 0, 1], 0).into(), Some(tls))

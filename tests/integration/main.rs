@@ -15,6 +15,7 @@ mod lifecycle;
 mod metrics;
 mod protection;
 mod rate_limit;
+mod reload;
 mod shared_limits;
 mod support;
 mod validation;

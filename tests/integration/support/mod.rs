@@ -3,6 +3,7 @@
 //! the real binary as a child process ([`binary`]).
 
 pub mod binary;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -163,6 +164,7 @@ impl TestEnv {
         let emulator_tls = tls::server_config(&TlsFiles {
             cert: certs.join(devcerts::SERVER_CERT),
             key: certs.join(devcerts::SERVER_KEY),
+            client_ca: None,
         })
         .unwrap();
         let emulator = Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), Some(emulator_tls))
