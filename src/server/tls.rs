@@ -272,10 +272,14 @@ fn check_validity(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     if not_after.timestamp() < now {
+        let when = not_after
+            .to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| not_after.to_string());
         return Err(file_error(
             key,
             path,
-            format!("certificate expired at {not_after}"),
+            format!("certificate expired at {when}"),
         ));
     }
     Ok(())
@@ -331,4 +335,106 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> 
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+
+    /// A self-signed certificate with `params`, and its key, written to
+    /// `dir` as `name.crt` and `name.key`.
+    fn write_pair(
+        dir: &Path,
+        name: &str,
+        params: CertificateParams,
+    ) -> (PathBuf, PathBuf, KeyPair) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path, key)
+    }
+
+    fn files(cert: PathBuf, key: PathBuf) -> TlsFiles {
+        TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        }
+    }
+
+    fn localhost() -> CertificateParams {
+        CertificateParams::new(vec!["localhost".to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_with_its_date() {
+        install_default_providers();
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = localhost();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let (cert, key, _) = write_pair(dir.path(), "old", params);
+        let error = ServerTls::load(&files(cert, key)).unwrap_err().to_string();
+        assert!(error.contains("`server.tls_cert`"), "{error}");
+        assert!(error.contains("expired at 2021-01-01T00:00:00Z"), "{error}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        install_default_providers();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _, _) = write_pair(dir.path(), "a", localhost());
+        let (_, other_key, _) = write_pair(dir.path(), "b", localhost());
+        let error = ServerTls::load(&files(cert, other_key))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("do not form a pair"), "{error}");
+    }
+
+    #[test]
+    fn a_reload_swaps_only_a_changed_and_valid_pair() {
+        install_default_providers();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, _) = write_pair(dir.path(), "server", localhost());
+        let tls = ServerTls::load(&files(cert.clone(), key.clone())).unwrap();
+        let serving = || tls.cert.0.load_full().cert[0].clone();
+        let first = serving();
+        assert_eq!(tls.reload_cert().unwrap(), Reloaded::Unchanged);
+        std::fs::write(&cert, "garbage").unwrap();
+        assert!(tls.reload_cert().is_err());
+        assert_eq!(serving(), first, "the refused file changed nothing");
+        write_pair(dir.path(), "server", localhost());
+        assert_eq!(tls.reload_cert().unwrap(), Reloaded::Replaced);
+        assert_ne!(serving(), first);
+    }
+
+    #[test]
+    fn the_client_identity_is_the_uri_name_else_the_dns_name() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut both = CertificateParams::new(vec!["app.internal".to_owned()]).unwrap();
+        both.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        ));
+        let both = both.self_signed(&key).unwrap();
+        assert_eq!(
+            client_identity(both.der()).as_deref(),
+            Some("spiffe://cluster.local/ns/a/sa/b")
+        );
+        let dns = CertificateParams::new(vec!["app.internal".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(client_identity(dns.der()).as_deref(), Some("app.internal"));
+        let none = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(client_identity(none.der()), None);
+    }
 }

@@ -13,6 +13,7 @@ mod hostile;
 mod identity;
 mod lifecycle;
 mod metrics;
+mod mtls;
 mod protection;
 mod rate_limit;
 mod reload;
