@@ -39,6 +39,15 @@ async fn mutual_env(pki: &Pki, dir: &std::path::Path) -> TestEnv {
 /// One HTTP/1.1 GET of the jobs path as `u-1` on a new connection
 /// presenting `client` (or no certificate).
 async fn get(env: &TestEnv, client: Option<&Issued>, trace_id: &str) -> Result<u16, String> {
+    get_bearer(env, client, trace_id, &env.token("u-1")).await
+}
+
+async fn get_bearer(
+    env: &TestEnv,
+    client: Option<&Issued>,
+    trace_id: &str,
+    jwt: &str,
+) -> Result<u16, String> {
     let dev_ca = std::fs::read_to_string(env.certs().join("ca.crt")).unwrap();
     let config = pki::client_config(&dev_ca, client, &[b"http/1.1"]);
     let stream = pki::connect(&env.addr.to_string(), config)
@@ -50,7 +59,7 @@ async fn get(env: &TestEnv, client: Option<&Issued>, trace_id: &str) -> Result<u
     tokio::spawn(conn);
     let request = Request::get("/koodrive/ose/v1/jobs?offset=0&limit=1")
         .header("host", "localhost")
-        .header("authorization", format!("Bearer {}", env.token("u-1")))
+        .header("authorization", format!("Bearer {jwt}"))
         .header("x-traceid", trace_id)
         .body(Full::<Bytes>::default())
         .unwrap();
@@ -91,6 +100,12 @@ async fn a_verified_client_certificate_is_served_and_named_in_the_audit_record()
     let record = audit_record(&dir.path().join("audit.log"), "mtls-ok").await;
     assert_eq!(record["client_identity"], SPIFFE_ID);
     assert_eq!(record["user_id"], "u-1", "the JWT still names the user");
+    // A certificate does not stand in for the JWT.
+    let forged = format!("{}x", env.token("u-1"));
+    assert_eq!(
+        get_bearer(&env, Some(&client), "mtls-bad-jwt", &forged).await,
+        Ok(401)
+    );
 }
 
 #[tokio::test]
