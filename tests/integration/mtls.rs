@@ -147,3 +147,35 @@ async fn without_client_ca_no_certificate_is_asked_for_and_no_identity_recorded(
     let record = audit_record(&audit, "plain-tls").await;
     assert_eq!(record["client_identity"], Value::Null);
 }
+
+#[tokio::test]
+async fn a_reloaded_client_ca_decides_new_handshakes_and_a_broken_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Pki::new("old mesh CA");
+    let env = mutual_env(&old, dir.path()).await;
+    let old_client = old.client(SPIFFE_ID);
+    assert_eq!(get(&env, Some(&old_client), "ca-1").await, Ok(200));
+
+    let new = Pki::new("new mesh CA");
+    let ca = dir.path().join("client-ca.crt");
+    pki::write_atomically(&ca, &new.ca);
+    env.reloader.reload().await;
+    assert_eq!(
+        get(&env, Some(&new.client(SPIFFE_ID)), "ca-2").await,
+        Ok(200)
+    );
+    assert!(get(&env, Some(&old_client), "ca-3").await.is_err());
+
+    // A file without a certificate is refused; the new CA keeps deciding.
+    pki::write_atomically(&ca, "no certificate here\n");
+    env.reloader.reload().await;
+    let metrics = env.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("koodrive_gateway_reloads_total{file=\"client_ca\",outcome=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        get(&env, Some(&new.client(SPIFFE_ID)), "ca-4").await,
+        Ok(200)
+    );
+}
