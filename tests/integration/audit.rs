@@ -105,7 +105,7 @@ async fn every_request_gets_exactly_one_record_with_every_field() {
     let mut statuses = std::collections::BTreeSet::new();
     for (record, reply) in lines.iter().zip(&replies) {
         let fields = record.as_object().unwrap();
-        assert_eq!(fields.len(), 16, "{record}");
+        assert_eq!(fields.len(), 17, "{record}");
         assert_eq!(record["trace_id"], reply.header("x-traceid"), "{record}");
         assert_eq!(record["status"], reply.status.as_u16(), "{record}");
         statuses.insert(reply.status.as_u16());
