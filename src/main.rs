@@ -1,11 +1,12 @@
 //! The `koodrive-gateway` binary: arguments, logging, config, run.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use koodrive_gateway::config::{Config, FileConfig, LogFormat, TokenConfig, DEFAULT_CONFIG_PATH};
 use koodrive_gateway::emulator::Emulator;
@@ -64,6 +65,17 @@ enum Command {
         #[arg(long, default_value = "koodrive-gateway-dev")]
         client_id: String,
     },
+    /// Ask the running gateway's admin listener (`server.admin_listen`) for
+    /// `/healthz`, or `/readyz` with `--ready`; exit 0 on 200, else 1. For
+    /// a container's HEALTHCHECK and exec probes (the image has no curl).
+    Health {
+        /// Ask `/readyz` instead of `/healthz`.
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this long.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Print an internal JWT signed with the development key.
     DevToken {
         /// KooDrive user id (the `auth.user_id_claim` claim).
@@ -96,6 +108,9 @@ async fn main() -> ExitCode {
             client_id,
         } => emulator(listen, &tokens, &client_id).await,
         Command::DevToken { user, sub, ttl } => dev_token(&cli.config, &user, &sub, ttl),
+        Command::Health { ready, timeout_ms } => {
+            health(&cli.config, ready, Duration::from_millis(timeout_ms)).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -251,6 +266,34 @@ async fn emulator(listen: SocketAddr, tokens: &Path, client_id: &str) -> Result<
     }
     tracing::info!(url = %emulator.base_url(), "KooDrive emulator listening on {}", emulator.base_url());
     shutdown_signal().await;
+    Ok(())
+}
+
+async fn health(path: &Path, ready: bool, timeout: Duration) -> Result<()> {
+    let (config, _) = load(path)?;
+    let Some(mut admin) = config.server.admin_listen else {
+        bail!("health needs `server.admin_listen` in {}", path.display());
+    };
+    // A listener on every address is asked on loopback.
+    if admin.ip().is_unspecified() {
+        admin.set_ip(match admin {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let probe = if ready { "readyz" } else { "healthz" };
+    let url = format!("http://{admin}/{probe}");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let status = tokio::time::timeout(timeout, client.get(url.parse()?))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within {timeout:?}"))?
+        .with_context(|| url.clone())?
+        .status();
+    if status != http::StatusCode::OK {
+        bail!("{url}: {status}");
+    }
+    println!("{url}: {status}");
     Ok(())
 }
 

@@ -422,3 +422,42 @@ async fn sighup_reopens_the_audit_file_and_does_not_end_the_process() {
         "SIGHUP ended the process"
     );
 }
+
+#[tokio::test]
+async fn health_asks_the_admin_listener_and_exits_by_its_answer() {
+    let dir = workdir();
+    let serving = start_serve(dir.path(), &[]).await;
+    let ask = |admin: String, probe: &'static [&'static str]| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let mut args = vec!["health"];
+            args.extend_from_slice(probe);
+            Command::new(BIN)
+                .args(&args)
+                .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", admin)
+                .current_dir(dir)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let alive = ask(serving.admin.clone(), &[]).await;
+    assert!(alive.status.success(), "{alive:?}");
+    assert!(String::from_utf8_lossy(&alive.stdout).contains("/healthz: 200"));
+    let ready = ask(serving.admin.clone(), &["--ready"]).await;
+    assert!(ready.status.success(), "{ready:?}");
+    // On every address, it asks loopback.
+    let port = serving.admin.rsplit(':').next().unwrap();
+    assert!(ask(format!("0.0.0.0:{port}"), &[]).await.status.success());
+    // Nothing listening: exit 1, and why.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let down = ask(closed, &[]).await;
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("/healthz"),
+        "{down:?}"
+    );
+}
