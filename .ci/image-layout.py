@@ -49,6 +49,8 @@ BASE_LIBRARIES = {
     "libpthread.so.0", "libdl.so.2", "librt.so.1", "ld-linux-x86-64.so.2",
     "ld-linux-aarch64.so.1",
 }
+# Split so that this file does not match itself.
+PEM_PRIVATE_KEY = b"PRIVATE " + b"KEY-----"
 REPRODUCED = {"FROM", "COPY", "WORKDIR", "USER", "EXPOSE", "HEALTHCHECK",
               "ENTRYPOINT", "CMD", "ENV", "LABEL"}
 
@@ -307,7 +309,7 @@ def main():
     context = context_files()
     for f in sorted(context):
         path = REPO / f
-        if path.is_file() and b"PRIVATE KEY" in path.read_bytes():
+        if path.is_file() and PEM_PRIVATE_KEY in path.read_bytes():
             fail(f"{f} holds a private key and is in the build context")
     patterns = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
                 if l.strip() and not l.strip().startswith("#")]
@@ -315,6 +317,14 @@ def main():
                   "certs/dev/jwt.key"):
         if not ignored(never, patterns):
             fail(f"{never} would be in the build context (.dockerignore)")
+
+    for stage in all_stages:
+        for keyword, rest in stage:
+            options, words = flags(rest)
+            if keyword in ("COPY", "ADD") and "from" not in options:
+                for source in words[:-1]:
+                    if not any(f == source or f.startswith(source + "/") for f in context):
+                        fail(f"{keyword} {source}: not in the build context (.dockerignore?)")
 
     if os.geteuid() != 0:
         print("image-layout: SKIPPED: needs root (chroot and a uid of the image's own)")

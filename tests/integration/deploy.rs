@@ -54,7 +54,10 @@ async fn get(url: &str, bearer: Option<&str>) -> (u16, String) {
 #[tokio::test]
 async fn sidecar_example_serves_plain_http_on_loopback_as_shipped() {
     let shipped = Config::load(&repo(SIDECAR_EXAMPLE)).unwrap().0;
-    assert!(shipped.server.tls.is_none(), "the sidecar serves plain HTTP");
+    assert!(
+        shipped.server.tls.is_none(),
+        "the sidecar serves plain HTTP"
+    );
     let admin = shipped.server.admin_listen.expect("an admin listener");
     assert!(shipped.server.listen.ip().is_loopback());
     assert!(admin.ip().is_loopback());
@@ -88,13 +91,7 @@ async fn sidecar_example_serves_plain_http_on_loopback_as_shipped() {
 
     let out = binary::run(
         dir.path(),
-        &[
-            "--config",
-            SIDECAR_EXAMPLE,
-            "dev-token",
-            "--user",
-            "u-1001",
-        ],
+        &["--config", SIDECAR_EXAMPLE, "dev-token", "--user", "u-1001"],
     )
     .await;
     assert!(out.status.success(), "{out:?}");
@@ -149,7 +146,9 @@ fn list(value: &Yaml) -> &[Yaml] {
 }
 
 fn int(value: &Yaml, what: &str) -> i64 {
-    value.as_i64().unwrap_or_else(|| panic!("{what}: {value:?}"))
+    value
+        .as_i64()
+        .unwrap_or_else(|| panic!("{what}: {value:?}"))
 }
 
 /// The gateway's container in a pod template (a regular container or a
@@ -254,7 +253,10 @@ fn check_pod(file: &str, docs: &[Yaml], pod: &Yaml) -> Config {
     if let TokenConfig::Static { tokens_file } = &config.token {
         files.push(tokens_file);
     }
-    assert!(config.server.dev_certs_dir.is_none(), "{file}: dev material");
+    assert!(
+        config.server.dev_certs_dir.is_none(),
+        "{file}: dev material"
+    );
     for path in files {
         let mount = mount_of(path);
         assert_eq!(mount["readOnly"].as_bool(), Some(true), "{file}: {path:?}");
@@ -327,7 +329,10 @@ fn check_pod(file: &str, docs: &[Yaml], pod: &Yaml) -> Config {
             sleep.as_i64().unwrap_or(0)
         })
         .sum();
-    assert!(pre_stop > 0, "{file}: no preStop delay for endpoint removal");
+    assert!(
+        pre_stop > 0,
+        "{file}: no preStop delay for endpoint removal"
+    );
     let drain_ms = config.server.drain_timeout.as_millis() as i64;
     let drain_s = (drain_ms + 999) / 1000;
     let grace = int(
@@ -393,8 +398,8 @@ fn dockerfile_user() -> i64 {
     let text = read("Dockerfile");
     let user = text
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER in the Dockerfile");
     user.split(':').next().unwrap().trim().parse().unwrap()
 }
@@ -440,12 +445,18 @@ fn standalone_manifest_matches_the_config_it_mounts() {
     let config = check_pod(file, &docs, pod);
     let (gateway, _) = gateway_container(pod);
     let labels = &deployment["spec"]["selector"]["matchLabels"];
-    assert_eq!(&pod_of_labels(deployment), labels);
+    assert_eq!(
+        &deployment["spec"]["template"]["metadata"]["labels"],
+        labels
+    );
 
     // TLS from the cert-manager Secret.
     let tls = config.server.tls.as_ref().expect("TLS");
     assert!(tls.cert.ends_with("tls.crt") && tls.key.ends_with("tls.key"));
-    assert!(gateway["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64() >= Some(1));
+    // Its own preStop delay: the Service sends it traffic until the
+    // endpoint removal has spread.
+    let pre_stop = &gateway["lifecycle"]["preStop"]["sleep"]["seconds"];
+    assert!(int(pre_stop, "the gateway's preStop sleep") >= 1);
 
     // The Service sends its traffic to server.listen.
     let service = named(&docs, "Service", "koodrive-gateway");
@@ -461,7 +472,10 @@ fn standalone_manifest_matches_the_config_it_mounts() {
     let pdb = named(&docs, "PodDisruptionBudget", "koodrive-gateway");
     assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
     let hpa = named(&docs, "HorizontalPodAutoscaler", "koodrive-gateway");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"].as_str(), Some("Deployment"));
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["kind"].as_str(),
+        Some("Deployment")
+    );
     assert_eq!(
         hpa["spec"]["scaleTargetRef"]["name"].as_str(),
         Some("koodrive-gateway")
@@ -485,15 +499,17 @@ fn standalone_manifest_matches_the_config_it_mounts() {
         .iter()
         .map(|p| int(&p["port"], "port"))
         .collect::<Vec<_>>();
-    assert_eq!(redis_port, [port.trim_end_matches('/').parse::<i64>().unwrap()]);
+    assert_eq!(
+        redis_port,
+        [port.trim_end_matches('/').parse::<i64>().unwrap()]
+    );
     let redis_pods = named(&docs, "Deployment", host);
-    assert_eq!(&redis_pods["spec"]["selector"]["matchLabels"], &redis["spec"]["selector"]);
+    assert_eq!(
+        &redis_pods["spec"]["selector"]["matchLabels"],
+        &redis["spec"]["selector"]
+    );
     // The audit trail cannot be a file on a read-only root filesystem.
     if let Some(audit) = &config.audit {
         assert_eq!(audit.sink, AuditSink::Stdout);
     }
-}
-
-fn pod_of_labels(deployment: &Yaml) -> Yaml {
-    deployment["spec"]["template"]["metadata"]["labels"].clone()
 }
