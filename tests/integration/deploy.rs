@@ -123,6 +123,77 @@ async fn sidecar_example_serves_plain_http_on_loopback_as_shipped() {
     assert_eq!(status, 401);
 }
 
+/// Production's overrides of the example, from the environment alone: an
+/// external KooDrive (the emulator as its own process, as a real KooDrive
+/// would be) for `upstream.base_url`, its token endpoint and client.
+#[tokio::test]
+async fn sidecar_example_serves_with_koodrive_overridden_from_the_environment() {
+    let dir = binary::workdir();
+    let secret = "sidecar-test-secret";
+    let mut emulator = tokio::process::Command::new(binary::BIN)
+        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .args(["--client-id", "koodrive-gateway-sidecar"])
+        .env("KOODRIVE_CLIENT_SECRET", secret)
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        emulator.stderr.take().unwrap(),
+    ));
+    let koodrive = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("emulator listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("the emulator exited");
+    })
+    .await
+    .expect("the emulator did not start");
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let token_url = format!("{koodrive}/oauth2/token");
+    let gateway = binary::start_serve_with(
+        dir.path(),
+        ServeOptions {
+            args: &["--config", SIDECAR_EXAMPLE],
+            env: &[
+                ("KOODRIVE_GATEWAY__UPSTREAM__BASE_URL", &koodrive),
+                ("KOODRIVE_GATEWAY__TOKEN__TOKEN_URL", &token_url),
+                ("KOODRIVE_CLIENT_SECRET", secret),
+            ],
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let out = binary::run(
+        dir.path(),
+        &["--config", SIDECAR_EXAMPLE, "dev-token", "--user", "u-1001"],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let url = format!(
+        "http://{}/koodrive/ose/v1/jobs?offset=0&limit=2",
+        gateway.addr
+    );
+    let (status, body) = get(&url, Some(token.trim())).await;
+    assert_eq!(status, 200, "{body}");
+    // Served by that KooDrive, not an embedded one.
+    assert!(
+        !gateway
+            .log()
+            .iter()
+            .any(|l| l.contains("embedded KooDrive emulator running")),
+        "{:?}",
+        gateway.log()
+    );
+    assert_eq!(gateway.upstream_requests().await, 1);
+}
+
 /// One manifest file's documents.
 fn manifest(path: &str) -> Vec<Yaml> {
     YamlLoader::load_from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
