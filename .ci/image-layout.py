@@ -11,7 +11,8 @@ user is owned by root, so the process can write nowhere else; there is no
 /tmp, /proc or /dev, as under a read-only root filesystem.
 
 Checks: the final stage holds only instructions reproduced here; the
-build context (after .dockerignore) carries no private key; the binary
+build context (after .dockerignore) carries no private key and every file
+a COPY names, and cargo can load the package from it alone; the binary
 links only libraries a Debian slim base has; the demo starts as the
 non-root user and creates its development material in its working
 directory; /readyz answers 200 and the jobs endpoint 200 over HTTPS on the
@@ -325,6 +326,22 @@ def main():
                 for source in words[:-1]:
                     if not any(f == source or f.startswith(source + "/") for f in context):
                         fail(f"{keyword} {source}: not in the build context (.dockerignore?)")
+
+    # The build stage's cargo sees only the context: its manifest must
+    # resolve there, every target file present, the lock file current.
+    with tempfile.TemporaryDirectory(prefix="image-context-") as copy:
+        for f in context:
+            if (REPO / f).is_file():
+                (Path(copy) / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / f, Path(copy) / f)
+        # `cargo metadata` does not look for target files; `cargo build`
+        # does, before it compiles anything: asked for a bin that does not
+        # exist, it stops with that complaint only if the manifest loaded.
+        probe = subprocess.run(["cargo", "build", "--release", "--locked", "--offline",
+                                "--bin", "no-such-bin"], cwd=copy, capture_output=True,
+                               text=True, env=dict(os.environ, CARGO_TARGET_DIR=f"{copy}/target"))
+        if "no bin target named `no-such-bin`" not in probe.stderr:
+            fail(f"cargo in the build context: {probe.stderr.strip()}")
 
     if os.geteuid() != 0:
         print("image-layout: SKIPPED: needs root (chroot and a uid of the image's own)")
