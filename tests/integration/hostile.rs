@@ -67,7 +67,15 @@ impl Target {
             ("RUST_LOG", "info,koodrive_gateway::server=debug"),
         ];
         all.extend_from_slice(env);
-        let serving = start_serve_with(dir.path(), ServeOptions { env: &all, nofile }).await;
+        let serving = start_serve_with(
+            dir.path(),
+            ServeOptions {
+                env: &all,
+                nofile,
+                ..ServeOptions::default()
+            },
+        )
+        .await;
         let token = dev_token(dir.path(), "u-1001").await;
         let ca = dir.path().join("certs/dev/ca.crt");
         let tls = koodrive_gateway::server::tls::client_config(Some(&ca)).unwrap();

@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod binary;
 mod caching;
+mod deploy;
 mod edge;
 mod faults;
 mod forwarding;

@@ -65,6 +65,8 @@ pub struct ServeOptions<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// The process's open-file limit (`ulimit -n`), when set.
     pub nofile: Option<u64>,
+    /// Arguments before `serve`'s defaults (e.g. `--config FILE`).
+    pub args: &'a [&'a str],
 }
 
 /// A `serve` process of a test's own, and everything it has logged.
@@ -189,13 +191,14 @@ pub async fn start_serve_with(dir: &Path, options: ServeOptions<'_>) -> Serving 
             let mut command = Command::new("sh");
             command
                 .arg("-c")
-                .arg(format!("ulimit -n {limit} && exec \"$0\""))
+                .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
                 .arg(BIN);
             command
         }
         None => Command::new(BIN),
     };
     let mut child = command
+        .args(options.args)
         .current_dir(dir)
         .env("KOODRIVE_GATEWAY__SERVER__LISTEN", "127.0.0.1:0")
         .env("KOODRIVE_GATEWAY__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
@@ -217,7 +220,10 @@ pub async fn start_serve_with(dir: &Path, options: ServeOptions<'_>) -> Serving 
             if let Some(addr) = address_after(&line, "metrics) on http://") {
                 admin = Some(addr);
             }
-            if let Some(addr) = address_after(&line, "listening on https://") {
+            // `https://`, or `http://` without TLS (a sidecar).
+            if let Some(addr) = address_after(&line, "listening on https://")
+                .or_else(|| address_after(&line, "listening on http://"))
+            {
                 if let Some(found) = found.take() {
                     let _ = found.send((addr, admin.take().unwrap_or_default()));
                 }
