@@ -43,11 +43,11 @@ USER 10001:10001
 # 8443: the gateway (server.listen); 9091: /healthz, /readyz, /metrics
 # (server.admin_listen).
 EXPOSE 8443 9091
-# The slim base has no curl: bash's /dev/tcp asks the admin listener for
-# /healthz (port 9091 as in the demo; a config with another admin port
-# needs --health-cmd). Kubernetes ignores HEALTHCHECK: the manifests in
+# The slim base has no curl: the binary asks the admin listener the config
+# names (server.admin_listen, loopback when it listens on every address)
+# for /healthz. Kubernetes ignores HEALTHCHECK: the manifests in
 # deploy/kubernetes/ use httpGet probes.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9091 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && IFS= read -r status <&3 && [[ $status == 'HTTP/1.'?' 200 '* ]]"]
+  CMD ["/usr/local/bin/koodrive-gateway", "health", "--config", "/etc/koodrive-gateway/config/gateway.toml"]
 ENTRYPOINT ["/usr/local/bin/koodrive-gateway"]
 CMD ["serve", "--config", "/etc/koodrive-gateway/config/gateway.toml"]

@@ -210,7 +210,9 @@ def link_libraries(binary, root):
             shutil.copy2(path, target)
 
 
-def start(root, image, log):
+def inside(root, image):
+    """A preexec function entering the image as its processes run: chrooted
+    to its files, in its working directory, as its user with no groups."""
     uid, gid = image["user"]
 
     def enter():
@@ -220,7 +222,11 @@ def start(root, image, log):
         os.setgid(gid)
         os.setuid(uid)
 
-    return subprocess.Popen(image["entrypoint"] + image["cmd"], preexec_fn=enter,
+    return enter
+
+
+def start(root, image, log):
+    return subprocess.Popen(image["entrypoint"] + image["cmd"], preexec_fn=inside(root, image),
                             env=dict(image["env"]), stdout=log, stderr=log,
                             stdin=subprocess.DEVNULL)
 
@@ -248,8 +254,10 @@ def get(port, path, headers=None, tls=None):
     return response.status, response.read().decode()
 
 
-def healthcheck(image):
-    return subprocess.run(image["healthcheck"], capture_output=True, timeout=10).returncode
+def healthcheck(root, image):
+    """The HEALTHCHECK command, run inside the image as Docker runs it."""
+    return subprocess.run(image["healthcheck"], preexec_fn=inside(root, image),
+                          env=dict(image["env"]), capture_output=True, timeout=10).returncode
 
 
 def serve_and_check(root, image, config, writable, scratch, label):
@@ -263,20 +271,12 @@ def serve_and_check(root, image, config, writable, scratch, label):
         status, body = get(admin, "/readyz")
         if status != 200:
             fail(f"{label}: /readyz {status} {body}")
-        if healthcheck(image) != 0:
+        if healthcheck(root, image) != 0:
             fail(f"{label}: the HEALTHCHECK command failed against a running gateway")
         uid, gid = image["user"]
-
-        def enter():
-            os.chroot(root)
-            os.chdir(image["workdir"])
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-
         token = subprocess.run(
             image["entrypoint"] + ["dev-token", "--config", image["cmd"][-1], "--user", "u-1001"],
-            preexec_fn=enter, env=dict(image["env"]), capture_output=True, text=True)
+            preexec_fn=inside(root, image), env=dict(image["env"]), capture_output=True, text=True)
         if token.returncode != 0:
             fail(f"{label}: dev-token: {token.stderr}")
         ca = root / config["server"]["dev_certs_dir"].lstrip("/") / "ca.crt"
@@ -289,7 +289,7 @@ def serve_and_check(root, image, config, writable, scratch, label):
         code = process.wait(timeout=30)
         if code != 0:
             fail(f"{label}: exit code {code} after SIGTERM:\n{log_path.read_text()}")
-        if healthcheck(image) == 0:
+        if healthcheck(root, image) == 0:
             fail(f"{label}: the HEALTHCHECK command succeeds with no gateway running")
         print(f"image-layout: {label}: started as {uid}:{gid}, /readyz 200, jobs 200 over "
               f"HTTPS, HEALTHCHECK ok, SIGTERM exit 0", flush=True)
