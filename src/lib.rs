@@ -107,6 +107,10 @@ impl StartError {
     }
 }
 
+/// The least time the audit queue gets to be written out at exit, even
+/// when the drain used all of `server.drain_timeout_ms`.
+const AUDIT_FLUSH_FLOOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A spawned task that ends when its owner drops it.
 struct BackgroundTask(tokio::task::JoinHandle<()>);
 
@@ -361,18 +365,31 @@ impl Gateway {
         listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` resolves, then drains for the grace period.
+    /// Serves until `shutdown` resolves, then drains: in-flight requests
+    /// and the audit queue together get `server.drain_timeout_ms` (the
+    /// audit queue at least 1 s).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
         // Keep the embedded emulator and the key refresh alive for as long
         // as the gateway serves.
         let _emulator = self.emulator;
         let _tasks = self.tasks;
         let grace = self.listeners.grace;
+        let drain_started = Arc::new(std::sync::OnceLock::new());
+        let started = Arc::clone(&drain_started);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = started.set(tokio::time::Instant::now());
+        };
         server::run(self.listeners, self.pipeline, shutdown).await;
         // Every record of the drained requests is written before exit (a
-        // sink that cannot write gets the grace period, not for ever).
+        // sink that cannot write gets what is left of the drain time).
         if let Some(auditor) = self.auditor {
-            if tokio::time::timeout(grace, auditor.close()).await.is_err() {
+            let now = tokio::time::Instant::now();
+            let left = drain_started.get().map_or(grace, |started| {
+                (*started + grace).saturating_duration_since(now)
+            });
+            let budget = left.max(AUDIT_FLUSH_FLOOR);
+            if tokio::time::timeout(budget, auditor.close()).await.is_err() {
                 tracing::error!("audit records still queued at exit: the sink cannot write");
             }
         }

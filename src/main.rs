@@ -14,6 +14,7 @@ use koodrive_gateway::server::tls::install_default_providers;
 use koodrive_gateway::telemetry::Telemetry;
 use koodrive_gateway::token::TokenSource;
 use koodrive_gateway::{devcerts, Gateway};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -166,6 +167,10 @@ fn load(path: &Path) -> Result<(Config, FileConfig)> {
 }
 
 async fn serve(path: &Path, log_json: bool) -> Result<()> {
+    // Before anything else: a signal during start-up must neither end the
+    // process (SIGHUP's default) nor be missed.
+    let hangups = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    let mut stops = StopSignals::new().context("handling SIGTERM and SIGINT")?;
     let (mut config, _) = load(path)?;
     let telemetry = Telemetry::start(&config.telemetry)?;
     init_tracing_with(
@@ -184,16 +189,18 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
     }
     tracing::info!(addr = %addr, "listening on {scheme}://{addr}");
     let _watch = gateway.watch_files();
-    tokio::spawn(reload_on_sighup(gateway.reloader()));
-    // The first SIGTERM/SIGINT drains; a second one exits at once.
+    tokio::spawn(reload_on_sighup(gateway.reloader(), hangups));
+    // The first SIGTERM/SIGINT drains; a second one exits at once (the
+    // audit records still queued are lost; a line cut short is ended when
+    // the file is next opened).
     let (drain, draining) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        stops.next().await;
         tracing::info!("shutting down: draining (a second signal exits at once)");
         let _ = drain.send(());
-        shutdown_signal().await;
+        let status = stops.next().await;
         tracing::warn!("second signal: exiting without finishing the drain");
-        std::process::exit(EXIT_INTERRUPTED);
+        std::process::exit(status);
     });
     gateway
         .run(async {
@@ -207,10 +214,6 @@ async fn serve(path: &Path, log_json: bool) -> Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
-
-/// The exit status when a second signal cuts the drain short (128 +
-/// SIGTERM's number, as a shell reports a process the signal ended).
-const EXIT_INTERRUPTED: i32 = 143;
 
 /// Descriptors kept for everything but client connections: listeners,
 /// the upstream, token and Redis pools, the audit file, JWKS fetches.
@@ -253,6 +256,7 @@ async fn check_config(path: &Path, skip_files: bool) -> Result<()> {
 }
 
 async fn emulator(listen: SocketAddr, tokens: &Path, client_id: &str) -> Result<()> {
+    let mut stops = StopSignals::new().context("handling SIGTERM and SIGINT")?;
     let source = TokenSource::from_static_file(tokens)?;
     let emulator = Emulator::start(listen, None).await?;
     for (user, token) in source.static_grants() {
@@ -265,7 +269,7 @@ async fn emulator(listen: SocketAddr, tokens: &Path, client_id: &str) -> Result<
         ),
     }
     tracing::info!(url = %emulator.base_url(), "KooDrive emulator listening on {}", emulator.base_url());
-    shutdown_signal().await;
+    stops.next().await;
     Ok(())
 }
 
@@ -334,40 +338,34 @@ fn dev_token(path: &Path, user: &str, sub: &str, ttl: u64) -> Result<()> {
 /// SIGHUP reloads the certificate and key, the client CA, the JWKS and
 /// static token files, and reopens the audit file, instead of ending the
 /// process.
-async fn reload_on_sighup(reloader: koodrive_gateway::Reloader) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("SIGHUP cannot be handled; reload needs a restart");
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            reloader.reload().await;
-        }
+async fn reload_on_sighup(reloader: koodrive_gateway::Reloader, mut hangups: Signal) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading");
+        reloader.reload().await;
     }
-    #[cfg(not(unix))]
-    drop(reloader);
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, listened for from the start, so that none is
+/// missed (during start-up, or between the first and the second).
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next one; returns the exit status a shell reports
+    /// for a process that signal ended (128 + its number).
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => 143,
+            _ = self.int.recv() => 130,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
     }
 }

@@ -47,6 +47,9 @@ struct Reloadable {
     /// The embedded emulator, provisioned with reloaded static tokens.
     emulator: Option<Granter>,
     auditor: Option<Arc<Auditor>>,
+    /// Held by a reload from its first read to its last swap: SIGHUP and
+    /// the watcher at once must not leave an older read serving.
+    running: tokio::sync::Mutex<()>,
     /// `reloads_total{file, outcome}`: reloads that replaced a file
     /// (`ok`) or refused one (`error`).
     reloads: Family<ReloadLabels, Counter>,
@@ -78,6 +81,7 @@ impl Reloader {
             tokens,
             emulator,
             auditor,
+            running: tokio::sync::Mutex::new(()),
             reloads: Family::default(),
             cert_expiry: Gauge::default(),
         };
@@ -104,44 +108,37 @@ impl Reloader {
     /// SIGHUP: re-reads every file and reopens the audit file (for
     /// external rotation: rename, then SIGHUP).
     pub async fn reload(&self) {
-        let outcomes = self.reload_files().await;
+        let mut outcomes = self.reload_files().await;
         if let Some(auditor) = &self.0.auditor {
-            auditor.reopen().await;
-            self.0.count("audit_file", true);
+            if let Some(reopened) = auditor.reopen().await {
+                let reopened = reopened.map(|()| true).map_err(|e| e.to_string());
+                self.0.report("audit_file", &reopened);
+                outcomes.push(("audit_file", reopened));
+            }
         }
         let refused = outcomes.iter().filter(|(_, r)| r.is_err()).count();
-        tracing::info!(
-            files = outcomes.len(),
-            refused,
-            audit_reopened = self.0.auditor.is_some(),
-            "reload done"
-        );
+        tracing::info!(files = outcomes.len(), refused, "reload done");
     }
 
     /// Re-reads the certificate and key, the client CA, the JWKS file and
     /// the static token file; logs and counts what changed or was refused.
     async fn reload_files(&self) -> Vec<FileOutcome> {
+        let _running = self.0.running.lock().await;
         let this = Arc::clone(&self.0);
         // Small files, read rarely; still, off the runtime's threads.
-        let mut outcomes = tokio::task::spawn_blocking(move || this.reload_blocking())
-            .await
-            .unwrap_or_default();
+        let mut outcomes = match tokio::task::spawn_blocking(move || this.reload_blocking()).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::error!(%error, "reloading the TLS and token files failed");
+                Vec::new()
+            }
+        };
         if self.0.jwks_file.is_some() {
             let outcome = self.0.keys.reload_file().await.map_err(|e| e.to_string());
             outcomes.push(("jwks_file", outcome));
         }
         for (file, outcome) in &outcomes {
-            match outcome {
-                Ok(true) => {
-                    self.0.count(file, true);
-                    tracing::info!(file, "reloaded: new connections and requests use it");
-                }
-                Ok(false) => tracing::debug!(file, "reload: unchanged"),
-                Err(reason) => {
-                    self.0.count(file, false);
-                    tracing::error!(file, %reason, "reload refused; the previous one keeps serving");
-                }
-            }
+            self.0.report(file, outcome);
         }
         outcomes
     }
@@ -170,11 +167,24 @@ impl Reloader {
         let watched = Watched::of(&files);
         let filter = watched.clone();
         let handler = move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if event.kind.is_access() {
-                return;
-            }
-            if event.paths.iter().any(|path| filter.concerns(path)) {
+            let concerns = match &event {
+                // Events may have been lost (the inotify queue overflowed):
+                // look at every file again.
+                Err(error) => {
+                    tracing::warn!(%error, "file watch error; reloading to be sure");
+                    true
+                }
+                Ok(event) if event.need_rescan() => true,
+                Ok(event) if event.kind.is_access() => false,
+                Ok(event) => {
+                    if event.kind.is_remove() && filter.dirs.iter().any(|d| event.paths.contains(d))
+                    {
+                        tracing::warn!(paths = ?event.paths, "a watched directory was removed: changes in it are no longer seen (SIGHUP still reloads)");
+                    }
+                    event.paths.iter().any(|path| filter.concerns(path))
+                }
+            };
+            if concerns {
                 // A full channel already holds a wake-up.
                 let _ = changed.try_send(());
             }
@@ -196,6 +206,9 @@ impl Reloader {
         let reloader = self.clone();
         let task = tokio::spawn(
             async move {
+                // A change between the start's reads and the watch is not
+                // lost: look once now.
+                reloader.reload_files().await;
                 while changes.recv().await.is_some() {
                     // Wait for the writes to settle.
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changes.recv()).await {}
@@ -236,8 +249,22 @@ impl Reloadable {
         outcomes
     }
 
-    fn count(&self, file: &'static str, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
+    /// Logs and counts one file's reload (an unchanged file: neither).
+    fn report(&self, file: &'static str, outcome: &Result<bool, String>) {
+        let outcome = match outcome {
+            Ok(false) => {
+                tracing::debug!(file, "reload: unchanged");
+                return;
+            }
+            Ok(true) => {
+                tracing::info!(file, "reloaded: new connections and requests use it");
+                "ok"
+            }
+            Err(reason) => {
+                tracing::error!(file, %reason, "reload refused; the previous one keeps serving");
+                "error"
+            }
+        };
         self.reloads
             .get_or_create(&ReloadLabels { file, outcome })
             .inc();

@@ -34,13 +34,16 @@ pub(crate) use record::audit_line;
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// One line for the writer, and who waits for it to be written.
+/// How long a reopen may wait behind queued records.
+const REOPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 enum Job {
     Line {
         line: Vec<u8>,
         written: Option<oneshot::Sender<bool>>,
     },
-    /// Reopen the file (SIGHUP: external rotation).
-    Reopen,
+    /// Reopen the file (SIGHUP: external rotation), saying how it went.
+    Reopen(oneshot::Sender<std::io::Result<()>>),
     /// Write what is queued, then stop.
     Close(oneshot::Sender<()>),
 }
@@ -103,6 +106,8 @@ const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// The gateway's audit trail.
 pub(crate) struct Auditor {
     sender: mpsc::Sender<Job>,
+    /// Whether the sink is a file (standard output has nothing to reopen).
+    file: bool,
     shared: Arc<Shared>,
     on_error: OnAuditError,
     durability: Durability,
@@ -158,6 +163,7 @@ impl Auditor {
         writer::spawn(config, receiver, shared.clone())?;
         Ok(Auditor {
             sender,
+            file: matches!(config.sink, crate::config::AuditSink::File(_)),
             shared,
             on_error: config.on_error,
             durability: config.durability,
@@ -212,9 +218,33 @@ impl Auditor {
         );
     }
 
-    /// Reopens the file at the configured path (after an external rename).
-    pub(crate) async fn reopen(&self) {
-        let _ = self.sender.send(Job::Reopen).await;
+    /// Reopens the file at the configured path (after an external rename),
+    /// after the records queued before it. `None` for standard output.
+    /// Gives up after `REOPEN_TIMEOUT` (a writer stuck on a full disk must
+    /// not hold up the reload of other files).
+    pub(crate) async fn reopen(&self) -> Option<std::io::Result<()>> {
+        if !self.file {
+            return None;
+        }
+        let (done, reopened) = oneshot::channel();
+        let reopen = async {
+            self.sender
+                .send(Job::Reopen(done))
+                .await
+                .map_err(|_| std::io::Error::other("the audit writer has stopped"))?;
+            reopened
+                .await
+                .map_err(|_| std::io::Error::other("the audit writer has stopped"))?
+        };
+        Some(
+            tokio::time::timeout(REOPEN_TIMEOUT, reopen)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::other(
+                        "the audit writer did not get to it within 5 s (the sink is stuck)",
+                    ))
+                }),
+        )
     }
 
     /// Writes what is queued and stops the writer (graceful shutdown).

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,8 +42,19 @@ enum Output {
 }
 
 fn open(path: &Path) -> io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // A process killed in the middle of a line (SIGKILL, a second SIGTERM)
+    // leaves it torn: end it, so the next record starts a line of its own.
+    let mut last = [0u8];
+    if size > 0 && file.read_at(&mut last, size - 1).is_ok() && last[0] != b'\n' {
+        file.write_all(b"\n")?;
+        size += 1;
+    }
     Ok((file, size))
 }
 
@@ -239,10 +251,12 @@ impl Writer {
                 }
                 batch.lines.push(line);
             }
-            Job::Reopen => {
-                if let Err(error) = self.output.reopen() {
+            Job::Reopen(done) => {
+                let reopened = self.output.reopen();
+                if let Err(error) = &reopened {
                     tracing::warn!(%error, "reopening the audit file failed");
                 }
+                let _ = done.send(reopened);
             }
             Job::Close(done) => *close = Some(done),
         }
@@ -341,6 +355,21 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_torn_by_a_killed_process_is_ended_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "{\"whole\":1}\n{\"torn\":").unwrap();
+        let mut output = file_output(&path, 1 << 20, 1);
+        output.write_lines(&[b"{\"next\":2}\n"], false).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"whole\":1}\n{\"torn\":\n{\"next\":2}\n");
+        // A whole file is left as it is.
+        drop(output);
+        let _ = open(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
 
     fn file_output(path: &Path, max_bytes: u64, max_files: usize) -> Output {
         let (file, size) = open(path).unwrap();

@@ -64,8 +64,17 @@ pub fn read_certs(
     key: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(key, path, e))?
+    let pem = std::fs::read(path).map_err(|e| file_error(key, path, e))?;
+    parse_certs(key, path, &pem)
+}
+
+/// Every certificate of PEM text read from `path`.
+fn parse_certs(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(key, path, e))?;
     if certs.is_empty() {
@@ -117,11 +126,19 @@ impl ServerTls {
     /// Loads the certificate, its key and the client CA, refusing what a
     /// reload would refuse.
     pub fn load(files: &TlsFiles) -> Result<ServerTls, TlsError> {
-        let (cert_bytes, certified) = load_certified(files)?;
+        let (cert_bytes, certified) = load_certified(files, &[])?.ok_or_else(|| {
+            file_error(
+                "server.tls_cert",
+                &files.cert,
+                "empty certificate and key files",
+            )
+        })?;
         let cert = Arc::new(CurrentCert(ArcSwap::from_pointee(certified)));
         let (client_ca, verifier) = match &files.client_ca {
             Some(path) => {
-                let (bytes, verifier) = load_client_verifier(path)?;
+                let bytes =
+                    std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
+                let verifier = client_verifier(path, &bytes)?;
                 (bytes, Some(verifier))
             }
             None => (Vec::new(), None),
@@ -159,12 +176,13 @@ impl ServerTls {
     /// Reads the certificate and key again; swaps them in when they
     /// changed and pass the checks of [`ServerTls::load`].
     pub fn reload_cert(&self) -> Result<Reloaded, TlsError> {
-        let bytes = read_pair_bytes(&self.files)?;
+        // Under the lock from the read to the swap, so that two reloads
+        // at once cannot leave an older read serving.
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if bytes == loaded.cert {
-            return Ok(Reloaded::Unchanged);
-        }
-        let (bytes, certified) = load_certified(&self.files)?;
+        let (bytes, certified) = match load_certified(&self.files, &loaded.cert)? {
+            Some(new) => new,
+            None => return Ok(Reloaded::Unchanged),
+        };
         self.cert.0.store(Arc::new(certified));
         loaded.cert = bytes;
         Ok(Reloaded::Replaced)
@@ -176,12 +194,12 @@ impl ServerTls {
         let Some(path) = &self.files.client_ca else {
             return Ok(Reloaded::Unchanged);
         };
-        let bytes = std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
         if bytes == loaded.client_ca {
             return Ok(Reloaded::Unchanged);
         }
-        let (bytes, verifier) = load_client_verifier(path)?;
+        let verifier = client_verifier(path, &bytes)?;
         let config = build_config(Arc::clone(&self.cert), Some(verifier))?;
         self.config.store(config);
         loaded.client_ca = bytes;
@@ -227,35 +245,34 @@ fn build_config(
     Ok(Arc::new(config))
 }
 
-/// The certificate and key files' bytes together (what a reload compares).
-fn read_pair_bytes(files: &TlsFiles) -> Result<Vec<u8>, TlsError> {
-    let mut bytes =
+/// Reads the chain and its key, each file once, unless together they are
+/// `unchanged`; what was read must parse, form a pair, and the certificate
+/// must not have expired. Returns the bytes read (for the next comparison)
+/// with the pair.
+fn load_certified(
+    files: &TlsFiles,
+    unchanged: &[u8],
+) -> Result<Option<(Vec<u8>, CertifiedKey)>, TlsError> {
+    let cert_pem =
         std::fs::read(&files.cert).map_err(|e| file_error("server.tls_cert", &files.cert, e))?;
-    bytes.extend(
-        std::fs::read(&files.key).map_err(|e| file_error("server.tls_key", &files.key, e))?,
-    );
-    Ok(bytes)
-}
-
-/// Loads the chain and its key: they must parse, form a pair, and the
-/// certificate must not have expired.
-fn load_certified(files: &TlsFiles) -> Result<(Vec<u8>, CertifiedKey), TlsError> {
-    // Read once for comparison and once for parsing: a file replaced in
-    // between at worst makes the next reload load it again.
-    let bytes = read_pair_bytes(files)?;
-    let chain = read_certs("server.tls_cert", &files.cert)?;
+    let key_pem =
+        std::fs::read(&files.key).map_err(|e| file_error("server.tls_key", &files.key, e))?;
+    let bytes = [cert_pem.as_slice(), key_pem.as_slice()].concat();
+    if bytes == unchanged {
+        return Ok(None);
+    }
+    let chain = parse_certs("server.tls_cert", &files.cert, &cert_pem)?;
     check_validity("server.tls_cert", &files.cert, &chain[0])?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| file_error("server.tls_key", &files.key, e))?;
-    let pair_error = |reason: String| TlsError::Pair {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        reason,
-    };
     // Refuses a key that does not match the certificate's public key.
     let certified =
-        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| pair_error(e.to_string()))?;
-    Ok((bytes, certified))
+        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::Pair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(Some((bytes, certified)))
 }
 
 /// A certificate that has expired is refused: serving it would fail every
@@ -285,20 +302,18 @@ fn check_validity(
     Ok(())
 }
 
-/// Reads `client_ca` into a verifier that requires a client certificate
-/// chaining to one of its certificates.
-fn load_client_verifier(path: &Path) -> Result<(Vec<u8>, Arc<dyn ClientCertVerifier>), TlsError> {
-    let bytes = std::fs::read(path).map_err(|e| file_error("server.client_ca", path, e))?;
+/// A verifier requiring a client certificate that chains to one of the
+/// certificates of `pem` (the contents of `client_ca` at `path`).
+fn client_verifier(path: &Path, pem: &[u8]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in read_certs("server.client_ca", path)? {
+    for cert in parse_certs("server.client_ca", path, pem)? {
         roots
             .add(cert)
             .map_err(|e| file_error("server.client_ca", path, e))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| file_error("server.client_ca", path, e))?;
-    Ok((bytes, verifier))
+        .map_err(|e| file_error("server.client_ca", path, e))
 }
 
 /// Who a verified client certificate names: its first URI subject

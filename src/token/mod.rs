@@ -52,11 +52,13 @@ pub enum TokenFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: expected a JSON object {{\"<user id>\": \"<token>\"}}: {source}")]
+    /// Only where: serde's message may quote a value, and the values are
+    /// tokens.
+    #[error("{path}: expected a JSON object {{\"<user id>\": \"<token>\"}} (not so at line {line}, column {column})")]
     Parse {
         path: String,
-        #[source]
-        source: serde_json::Error,
+        line: usize,
+        column: usize,
     },
     #[error("{path}: the token for user `{user}` is not a valid header value")]
     BadToken { path: String, user: String },
@@ -271,9 +273,10 @@ fn read_static_file(path: &Path) -> Result<HashMap<String, AccessToken>, TokenFi
         source,
     })?;
     let map: HashMap<String, String> =
-        serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Parse {
+        serde_json::from_slice(&bytes).map_err(|error| TokenFileError::Parse {
             path: display.clone(),
-            source,
+            line: error.line(),
+            column: error.column(),
         })?;
     let mut tokens = HashMap::with_capacity(map.len());
     for (user, token) in map {
@@ -323,6 +326,10 @@ mod tests {
             Err(TokenFileError::BadToken { .. })
         ));
         assert!(matches!(source("[1,2]"), Err(TokenFileError::Parse { .. })));
+        // A token of the wrong type is not quoted in the error.
+        let error = source(r#"{"u-1": 9876543210}"#).unwrap_err().to_string();
+        assert!(!error.contains("9876543210"), "{error}");
+        assert!(error.contains("line 1, column"), "{error}");
     }
 
     #[test]

@@ -237,6 +237,26 @@ async fn start_errors_name_the_key_and_the_file_or_address() {
                 "certs/dev/missing.json".to_owned(),
             ],
         ),
+        (
+            "no-client-ca.toml",
+            "tls_key = \"certs/dev/server.key\"",
+            "tls_key = \"certs/dev/server.key\"\nclient_ca = \"certs/dev/missing-ca.crt\""
+                .to_owned(),
+            vec![
+                "server.client_ca".to_owned(),
+                "certs/dev/missing-ca.crt".to_owned(),
+            ],
+        ),
+        (
+            "empty-client-ca.toml",
+            "tls_key = \"certs/dev/server.key\"",
+            // A JWKS is not a certificate.
+            "tls_key = \"certs/dev/server.key\"\nclient_ca = \"certs/dev/jwks.json\"".to_owned(),
+            vec![
+                "server.client_ca".to_owned(),
+                "no certificate found".to_owned(),
+            ],
+        ),
     ] {
         assert!(text.contains(from), "{from}");
         std::fs::write(
@@ -255,6 +275,11 @@ async fn start_errors_name_the_key_and_the_file_or_address() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         for word in expected {
             assert!(stderr.contains(&word), "{name}: `{word}` missing: {stderr}");
+        }
+        // check-config reads the same files and refuses them alike.
+        let checked = run(dir.path(), &["check-config", "--config", &config]).await;
+        if name != "busy.toml" {
+            assert!(!checked.status.success(), "check-config passed {name}");
         }
     }
     drop(taken);

@@ -243,6 +243,22 @@ async fn the_file_watcher_swaps_the_certificate_without_sighup() {
         .await;
     eprintln!("the watcher took {took:?}");
     assert_eq!(reloads(&serving, "server_cert", "ok").await, 1.0);
+
+    // A corrupt certificate is refused by the watcher too.
+    pki::write_atomically(
+        &setup.path().join("tls/server.crt"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    let start = Instant::now();
+    while reloads(&serving, "server_cert", "error").await < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            serving.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(setup.serial(&serving).await, 2);
 }
 
 #[tokio::test]
@@ -319,17 +335,19 @@ async fn sighup_reloads_the_jwks_and_the_static_tokens_and_keeps_them_when_broke
 #[tokio::test]
 async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
     let setup = Setup::new().await;
+    // Responses take 5 s, so all 20 are still in flight when the drain
+    // starts even on a slow machine; the drain allows 15 s.
     let serving = setup
         .serve(
             "tls/server.crt",
             "tls/server.key",
-            "drain_timeout_ms = 10000",
+            "drain_timeout_ms = 15000\n[audit]\npath = \"audit.log\"",
         )
         .await;
     let jwt = binary::dev_token(setup.path(), "u-1").await;
     setup
         .emulator
-        .set_fault(Fault::Latency(Duration::from_millis(1500)));
+        .set_fault(Fault::Latency(Duration::from_secs(5)));
     // Ten over HTTP/1.1, each on its own connection, and ten streams of one
     // HTTP/2 connection.
     let h1 = tls_client(&setup.path().join("ca.crt"), Version::HTTP_11);
@@ -369,14 +387,27 @@ async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
     let signalled = Instant::now();
     serving.signal("TERM").await;
     serving.wait_for_line("draining").await;
-    assert_eq!(
-        readyz().await.unwrap().status(),
-        503,
-        "not ready while draining"
-    );
+    // The drain starts a moment after the line: poll.
+    let mut not_ready = false;
+    let mut refused = false;
+    for _ in 0..100 {
+        not_ready = not_ready || readyz().await.unwrap().status() == 503;
+        refused = refused || tokio::net::TcpStream::connect(&serving.addr).await.is_err();
+        if not_ready && refused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(not_ready, "not ready while draining");
+    assert!(refused, "new connections are refused");
+    // Nor is a new request served on the HTTP/2 connection (GOAWAY).
+    let late = Request::get(format!("https://localhost:{}{JOBS}", serving.port()))
+        .header("authorization", format!("Bearer {jwt}"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
     assert!(
-        tokio::net::TcpStream::connect(&serving.addr).await.is_err(),
-        "new connections are refused"
+        h2.request(late).await.is_err(),
+        "no new request while draining"
     );
     let mut h1_closing = 0;
     for request in in_flight {
@@ -388,12 +419,19 @@ async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
     }
     assert_eq!(h1_closing, 10, "HTTP/1.1 responses close their connections");
     let mut child = serving.child;
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("exited within the drain timeout")
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(signalled.elapsed() < Duration::from_secs(10));
+    assert!(signalled.elapsed() < Duration::from_secs(15));
+    // Every drained request's record was written before exit.
+    let audit = std::fs::read_to_string(setup.path().join("audit.log")).unwrap();
+    let drained = audit
+        .lines()
+        .filter(|l| l.contains("\"status\":200") && l.contains("\"decision\":\"forwarded\""))
+        .count();
+    assert_eq!(drained, 20, "{audit}");
 }
 
 #[tokio::test]
