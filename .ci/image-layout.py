@@ -346,10 +346,17 @@ def main():
     if os.geteuid() != 0:
         print("image-layout: SKIPPED: needs root (chroot and a uid of the image's own)")
         return
+    for tool in ("unshare", "ip", "ldd"):
+        if shutil.which(tool) is None:
+            fail(f"`{tool}` is not installed (util-linux, iproute2, libc-bin)")
     if not os.environ.get("IMAGE_LAYOUT_NETNS"):
         # Its own network namespace: the image's fixed ports collide with
         # nothing on this machine.
         os.environ["IMAGE_LAYOUT_NETNS"] = "1"
+        probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            fail(f"cannot make a network namespace (unshare --net: {probe.stderr.strip()}); "
+                 "the check needs CAP_SYS_ADMIN")
         os.execvp("unshare", ["unshare", "--net", "--", sys.executable, __file__, binary])
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 

@@ -20,9 +20,12 @@ use yaml_rust2::{Yaml, YamlLoader};
 use crate::support::binary::{self, ServeOptions};
 
 const SIDECAR_EXAMPLE: &str = "config/sidecar.example.toml";
-/// What the gateway needs after its drain to flush the audit queue and
-/// exit, on top of the preStop delays and `server.drain_timeout_ms`.
+/// The margin kept after the drain: the gateway stops within
+/// `server.drain_timeout_ms` + 2 s of SIGTERM (README, "Drain").
 const EXIT_MARGIN_S: i64 = 5;
+/// The time the sidecar manifest budgets for the app's own shutdown, after
+/// its preStop delay and before the gateway's SIGTERM.
+const APP_SHUTDOWN_BUDGET_S: i64 = 10;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -347,6 +350,19 @@ fn check_pod(file: &str, docs: &[Yaml], pod: &Yaml) -> Config {
             matches!(name, "tls.crt" | "tls.key" | "ca.crt"),
             "{file}: {name} is not a cert-manager Secret key"
         );
+        // Readable by the gateway's user: by everyone, or by its group
+        // through fsGroup. The manifests write modes in octal with a
+        // leading 0, as Kubernetes's YAML 1.1 reads them; yaml-rust2 (YAML
+        // 1.2) reads the digits as decimal, so they are read back as octal.
+        let mode = secret["defaultMode"]
+            .as_i64()
+            .map_or(0o644, |m| i64::from_str_radix(&m.to_string(), 8).unwrap());
+        let group = gateway["securityContext"]["runAsGroup"].as_i64();
+        let fs_group = pod["securityContext"]["fsGroup"].as_i64();
+        assert!(
+            mode & 0o004 != 0 || (mode & 0o040 != 0 && group.is_some() && fs_group == group),
+            "{file}: {name} (mode {mode:o}) is not readable by the gateway's user"
+        );
     }
 
     // The client secret: from a Secret, under the variable the config names.
@@ -406,22 +422,34 @@ fn check_pod(file: &str, docs: &[Yaml], pod: &Yaml) -> Config {
     );
     let drain_ms = config.server.drain_timeout.as_millis() as i64;
     let drain_s = (drain_ms + 999) / 1000;
+    // A sidecar's SIGTERM waits for the app beside it to exit.
+    let sidecar = list(&pod["initContainers"]).contains(gateway);
+    let app_budget = if sidecar { APP_SHUTDOWN_BUDGET_S } else { 0 };
     let grace = int(
         &pod["terminationGracePeriodSeconds"],
         "terminationGracePeriodSeconds",
     );
     assert!(
-        grace >= pre_stop + drain_s + EXIT_MARGIN_S,
+        grace >= pre_stop + app_budget + drain_s + EXIT_MARGIN_S,
         "{file}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} s \
-         + drain {drain_s} s + margin {EXIT_MARGIN_S} s"
+         + the app's shutdown {app_budget} s + drain {drain_s} s + margin {EXIT_MARGIN_S} s"
     );
     // The arithmetic written in the file's header is the file's.
     let text = read(file);
-    let squeezed = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    for needle in [
+    // Comment markers dropped, so that a sum reads across its lines.
+    let squeezed = text
+        .split_whitespace()
+        .filter(|w| *w != "#")
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut needles = vec![
         format!("server.drain_timeout_ms = {drain_ms} {drain_s} s"),
-        format!("= terminationGracePeriodSeconds {grace} s"),
-    ] {
+        format!("{EXIT_MARGIN_S} s = terminationGracePeriodSeconds {grace} s"),
+    ];
+    if sidecar {
+        needles.push(format!("budget) {app_budget} s"));
+    }
+    for needle in needles {
         assert!(
             squeezed.contains(&needle),
             "{file}: its comment does not say `{needle}`"
@@ -552,7 +580,15 @@ fn standalone_manifest_matches_the_config_it_mounts() {
         Some("koodrive-gateway")
     );
     assert!(int(&hpa["spec"]["minReplicas"], "minReplicas") >= 2);
-    assert!(int(&pdb["spec"]["minAvailable"], "minAvailable") >= 1);
+    assert_eq!(
+        int(&pdb["spec"]["maxUnavailable"], "maxUnavailable"),
+        1,
+        "one pod at a time however far it has scaled"
+    );
+    assert!(
+        deployment["spec"]["replicas"].is_badvalue(),
+        "the autoscaler owns the replica count"
+    );
 
     // rate_limit.redis_url names the Redis Service and its port.
     let shared = config
