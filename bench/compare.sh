@@ -68,6 +68,7 @@ for port in $emulator_port $direct_port $gateway_port $haproxy_port $redis_port;
 done
 
 cargo build --release --quiet
+. bench/lib.sh
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 work=$(mktemp -d)
 pids=()
@@ -81,61 +82,23 @@ trap 'exit 130' INT TERM
 # rustls warns of every wrk connection (it sends the IP address as SNI).
 export TOKIO_WORKER_THREADS=$workers RUST_LOG=warn,rustls=error
 
-# ---- users, their KooDrive tokens, RS256 key and JWTs
+# ---- users, their KooDrive tokens, RS256 key and JWTs (bench/lib.sh)
 echo "preparing $users users and their RS256 JWTs"
-user_of() { printf 'bench-user-%04d' "$1"; }
-mkdir -p "$work/haproxy" "$work/rs256"
-{
-  echo "{"
-  for i in $(seq 1 "$users"); do
-    printf '"%s": "koodrive-token-%04d"%s\n' "$(user_of "$i")" "$i" "$([ "$i" = "$users" ] || echo ,)"
-  done
-  echo "}"
-} >"$work/tokens.json"
-for i in $(seq 1 "$users"); do printf '%s koodrive-token-%04d\n' "$(user_of "$i")" "$i"; done >"$work/haproxy/tokens.map"
-openssl genrsa -traditional -out "$work/rs256/key.pem" 2048 2>/dev/null
-openssl rsa -in "$work/rs256/key.pem" -traditional -outform DER -out "$work/rs256/key.der" 2>/dev/null
+mkdir -p "$work/haproxy"
+prepare_rs256 "$users"
+for i in $(seq 1 "$users"); do printf '%s koodrive-token-%04d\n' "$(bench_user "$i")" "$i"; done >"$work/haproxy/tokens.map"
 openssl rsa -in "$work/rs256/key.pem" -pubout -out "$work/haproxy/jwt_pub.pem" 2>/dev/null
-kid=bench-rs256
-issuer=https://idp.bench audience=koodrive-gateway # as in bench/peers/haproxy.cfg
-python3 bench/peers/rs256.py jwks "$work/rs256/key.der" $kid >"$work/rs256/jwks.json"
-mint() { python3 bench/peers/rs256.py mint "$work/rs256/key.der" $kid "$issuer" "$audience" "$@"; }
-all_users=()
-for i in $(seq 1 "$users"); do all_users+=("$(user_of "$i")"); done
-mint 7200 "${all_users[@]}" >"$work/jwts.txt"
+# bench/peers/haproxy.cfg checks the same issuer and audience.
 jwt=$(sed -n 1p "$work/jwts.txt")                    # the one-user rows' caller
 jwt_other=$(sed -n "$(((users + 1) / 2))p" "$work/jwts.txt")
 signature=${jwt##*.}
 jwt_bad_signature="${jwt%.*}.$(rev <<<"$signature")"
-jwt_expired=$(mint -120 "$(user_of 1)")
+jwt_expired=$(mint_rs256 -120 "$(bench_user 1)")
 
-# ---- configurations
-# $1 = file, $2 = cache ttl_ms, $3 = extra [server] keys, $4 = extra [auth]
-# keys, $5 = extra sections
-write_config() {
-  cat >"$1" <<TOML
-[server]
-listen = "127.0.0.1:$gateway_port"
-tls_cert = "$work/certs/server.crt"
-tls_key = "$work/certs/server.key"
-dev_certs_dir = "$work/certs"
-${3:-}
-[upstream]
-base_url = "http://127.0.0.1:$emulator_port"
-[auth]
-issuer = "$issuer"
-audience = "$audience"
-jwks_file = "$work/rs256/jwks.json"
-algorithms = ["RS256"]
-${4:-}
-[token]
-mode = "static"
-static_tokens_file = "$work/tokens.json"
-[cache]
-ttl_ms = $2
-${5:-}
-TOML
-}
+# ---- configurations (bench/lib.sh's gateway_config: $1 = file, $2 =
+# cache ttl_ms, $3 = extra [server] keys, $4 = extra [auth] keys, $5 = extra
+# sections)
+write_config() { gateway_config "$@"; }
 # A budget no load here reaches: the rows measure the cost of deciding.
 limits="[rate_limit]
 requests_per_second = 1000000
@@ -155,16 +118,11 @@ on_error = \"reject\""
 write_config "$work/gw-idle.toml" 5000 "max_connections = 20000
 idle_timeout_ms = 300000"
 # The dev certificate (created by dev-token) serves both proxies.
-"$bin" dev-token --config "$work/gw-hit.toml" --user "$(user_of 1)" >/dev/null 2>&1
+"$bin" dev-token --config "$work/gw-hit.toml" --user "$(bench_user 1)" >/dev/null 2>&1
 cat "$work/certs/server.crt" "$work/certs/server.key" >"$work/haproxy/server.pem"
 cp bench/peers/haproxy.cfg "$work/haproxy/haproxy.cfg"
 
 # ---- starting and stopping targets
-wait_port() {
-  for _ in $(seq 1 100); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
-  tail -n 5 "$work"/*.log >&2
-  die "port $1 did not open"
-}
 "$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
 pids+=($!)
 wait_port $emulator_port
@@ -181,7 +139,7 @@ start_target() {
       target_pids=($!)
       target_url="http://127.0.0.1:$direct_port$path"
       # What a proxy would stamp: the user's token, X-User-Id, X-Date.
-      target_headers=(-H "Authorization: Bearer koodrive-token-0001" -H "X-User-Id: $(user_of 1)"
+      target_headers=(-H "Authorization: Bearer koodrive-token-0001" -H "X-User-Id: $(bench_user 1)"
         -H "X-Date: $(date -u +%Y%m%dT%H%M%SZ)")
       wait_port $direct_port ;;
     haproxy-*)

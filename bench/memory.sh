@@ -44,26 +44,9 @@ path="/koodrive/ose/v1/jobs?offset=0&limit=10"
 "$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>/dev/null &
 pids+=($!)
 
-cat > "$work/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:$gateway_port"
-tls_cert = "$work/certs/server.crt"
-tls_key = "$work/certs/server.key"
-dev_certs_dir = "$work/certs"
-[upstream]
-base_url = "http://127.0.0.1:$emulator_port"
-[auth]
-issuer = "https://idp.bench"
-audience = "koodrive-gateway"
-jwks_file = "$work/certs/jwks.json"
-[token]
-mode = "static"
-static_tokens_file = "$work/tokens.json"
-[cache]
-ttl_ms = 1000
-TOML
+. bench/lib.sh
+gateway_config "$work/gateway.toml" 1000
 
-wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
 mib() { awk -v k="$1" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$2/status"; }
 
 printf '%-9s %9s %9s %9s %9s %9s %9s\n' allocator req/s idle peak1 after1 peak2 after2

@@ -17,7 +17,8 @@ connections=${2:-32}
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
 
 cargo build --release --quiet
-bin=target/release/koodrive-gateway
+. bench/lib.sh
+bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -41,27 +42,8 @@ if command -v redis-server >/dev/null; then
   pids+=($redis_pid)
 fi
 
-write_config() { # $1 = cache ttl_ms, $2 = extra TOML
-  cat > "$work/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:$gateway_port"
-tls_cert = "$work/certs/server.crt"
-tls_key = "$work/certs/server.key"
-dev_certs_dir = "$work/certs"
-[upstream]
-base_url = "http://127.0.0.1:$emulator_port"
-[auth]
-issuer = "https://idp.bench"
-audience = "koodrive-gateway"
-jwks_file = "$work/certs/jwks.json"
-[token]
-mode = "static"
-static_tokens_file = "$work/tokens.json"
-[cache]
-ttl_ms = $1
-$2
-TOML
-}
+# bench/lib.sh's configuration: $1 = cache ttl_ms, $2 = extra TOML.
+write_config() { gateway_config "$work/gateway.toml" "$1" "" "" "$2"; }
 
 # A budget no load here reaches: the rows measure the cost of deciding.
 limits="[rate_limit]
@@ -69,7 +51,6 @@ requests_per_second = 1000000
 burst = 1000000"
 
 
-wait_port() { for _ in $(seq 1 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
 
 # wrk prints "Requests/sec: N" and "Latency avg stdev max"; keep both.
 measure() { # $1 = label, rest = wrk args
