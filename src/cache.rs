@@ -254,9 +254,11 @@ impl ResponseCache {
         // removes the expired entry so that the load runs).
         let stale_key = stale.as_ref().map(|_| key.clone());
 
+        // The loads are boxed: a hit's future need not be as large as a
+        // miss's.
         let outcome = if bypass {
             self.counters.bypasses.inc();
-            match self.reload_shared(key.clone(), load).await {
+            match Box::pin(self.reload_shared(key.clone(), load)).await {
                 Ok(reply) if reply.storable => {
                     self.entries
                         .insert(key, self.entry(reply.body.clone()))
@@ -267,7 +269,7 @@ impl ResponseCache {
                 Err(error) => Err(error),
             }
         } else {
-            self.load_shared(key, existing.as_ref(), load).await
+            Box::pin(self.load_shared(key, existing.as_ref(), load)).await
         };
         let status = if bypass {
             CacheStatus::Bypass
@@ -284,7 +286,7 @@ impl ResponseCache {
                 self.counters.stale_served.inc();
                 tracing::debug!(cause = %error, "serving a stale entry");
                 if let Some(key) = stale_key {
-                    self.restore(key, entry.clone()).await;
+                    Box::pin(self.restore(key, entry.clone())).await;
                 }
                 Ok(served(&entry, CacheStatus::Stale, Instant::now()))
             }

@@ -30,6 +30,10 @@ use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
 use crate::upstream::{Forward, Upstream, UpstreamReply};
 
+// Response header names, checked at compile time rather than per request.
+static X_TRACEID_HEADER: HeaderName = HeaderName::from_static(X_TRACEID);
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
 /// The gateway's request handling, built once from config.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
@@ -154,7 +158,7 @@ impl Pipeline {
             }
         }
         let headers = response.headers_mut();
-        headers.insert(HeaderName::from_static(X_TRACEID), trace_id.header_value());
+        headers.insert(X_TRACEID_HEADER.clone(), trace_id.header_value());
         if close {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -208,14 +212,16 @@ impl Pipeline {
                 let key = CacheKey::new(&caller.principal, &query, &language);
                 let (caller, query, language, trace_id) = (&caller, &query, &language, &trace_id);
                 let noted = &mut *record;
+                // The upstream call's future is large (token source, pool,
+                // timeouts) and needed only on a miss: boxed, it is not
+                // part of (and copied with) every request's future.
                 cache
                     .serve(key, bypass, move || {
-                        self.forward(caller, query, language, trace_id, noted)
+                        Box::pin(self.forward(caller, query, language, trace_id, noted))
                     })
                     .await
             }
-            None => self
-                .forward(&caller, &query, &language, &trace_id, record)
+            None => Box::pin(self.forward(&caller, &query, &language, &trace_id, record))
                 .await
                 .map(|reply| Served {
                     body: reply.body,
@@ -405,10 +411,7 @@ fn json_response(served: Served) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // Per-user data: shared caches between client and gateway must not keep it.
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-    headers.insert(
-        HeaderName::from_static("x-cache"),
-        HeaderValue::from_static(served.status.as_str()),
-    );
+    headers.insert(X_CACHE.clone(), HeaderValue::from_static(served.status.as_str()));
     // RFC 9111 §5.1: whole seconds since the payload left the origin.
     if let Some(age) = served.age {
         headers.insert(AGE, HeaderValue::from(age.as_secs()));

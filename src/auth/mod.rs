@@ -171,7 +171,9 @@ impl Verifier {
             cached.times.check(self.clock.now(), self.leeway)?;
             return Ok(cached.principal.clone());
         }
-        let (principal, proof) = self.verify_in_full(token).await?;
+        // Boxed: the full verification (and a key refetch) is the rare
+        // path, and its future would otherwise enlarge every request's.
+        let (principal, proof) = Box::pin(self.verify_in_full(token)).await?;
         if self.cache.enabled() {
             let lifetime = proof
                 .times

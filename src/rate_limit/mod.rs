@@ -159,7 +159,8 @@ impl RateLimiter {
         let Some(shared) = &self.shared else {
             return decide(self.local.check(principal), false);
         };
-        match shared.check(principal, self.quota_of(principal)).await {
+        // Boxed: Redis's future is large, and only this configuration pays.
+        match Box::pin(shared.check(principal, self.quota_of(principal))).await {
             Ok(verdict) => decide(verdict, false),
             Err(retry_after) => match shared.on_error() {
                 OnBackendError::Allow => decide(self.local.check(principal), true),
