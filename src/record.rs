@@ -25,6 +25,12 @@ const MAX_PATH_CHARS: usize = 1024;
 /// and backslashes escaped Rust-style (`\n`, `\u{2028}`), at most `max`
 /// characters of the result. Nobody can split or forge a line with it.
 pub(crate) fn escaped(text: &str, max: usize) -> String {
+    // Most paths and queries have nothing to escape: copied as they are
+    // (printable ASCII other than quotes and backslash is its own escape).
+    let plain = |b: &u8| matches!(b, b' '..=b'~') && !matches!(b, b'"' | b'\'' | b'\\');
+    if text.len() <= max && text.as_bytes().iter().all(plain) {
+        return text.to_owned();
+    }
     text.escape_debug().take(max).collect()
 }
 
@@ -406,6 +412,16 @@ mod tests {
         let query = r.query.clone().unwrap();
         assert_eq!(query.as_str(), "x=1\\r\\nforged=2\\u{2029}\\\"q\\\"\\u{7}");
         assert!(!query.as_str().chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn text_with_nothing_to_escape_is_kept_as_it_is() {
+        let every_printable: String = (b' '..=b'~').map(char::from).collect();
+        for text in ["offset=0&limit=10", "/koodrive/ose/v1/jobs", &every_printable] {
+            let slow: String = text.escape_debug().take(MAX_QUERY_CHARS).collect();
+            assert_eq!(escaped(text, MAX_QUERY_CHARS), slow, "{text}");
+        }
+        assert_eq!(escaped("abcdef", 3), "abc");
     }
 
     #[test]
