@@ -411,7 +411,10 @@ fn json_response(served: Served) -> Response<Full<Bytes>> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // Per-user data: shared caches between client and gateway must not keep it.
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-    headers.insert(X_CACHE.clone(), HeaderValue::from_static(served.status.as_str()));
+    headers.insert(
+        X_CACHE.clone(),
+        HeaderValue::from_static(served.status.as_str()),
+    );
     // RFC 9111 §5.1: whole seconds since the payload left the origin.
     if let Some(age) = served.age {
         headers.insert(AGE, HeaderValue::from(age.as_secs()));

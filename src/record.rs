@@ -417,7 +417,11 @@ mod tests {
     #[test]
     fn text_with_nothing_to_escape_is_kept_as_it_is() {
         let every_printable: String = (b' '..=b'~').map(char::from).collect();
-        for text in ["offset=0&limit=10", "/koodrive/ose/v1/jobs", &every_printable] {
+        for text in [
+            "offset=0&limit=10",
+            "/koodrive/ose/v1/jobs",
+            &every_printable,
+        ] {
             let slow: String = text.escape_debug().take(MAX_QUERY_CHARS).collect();
             assert_eq!(escaped(text, MAX_QUERY_CHARS), slow, "{text}");
         }

@@ -104,9 +104,11 @@ impl TraceId {
         value.push_str("00-");
         value.push_str(&self.w3c);
         value.push('-');
-        value.extend((0..16).rev().map(|digit| {
-            char::from(b"0123456789abcdef"[((span >> (4 * digit)) & 0xf) as usize])
-        }));
+        value.extend(
+            (0..16).rev().map(|digit| {
+                char::from(b"0123456789abcdef"[((span >> (4 * digit)) & 0xf) as usize])
+            }),
+        );
         value.push('-');
         value.push_str(&self.flags);
         HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("invalid"))

@@ -244,7 +244,6 @@ impl VerifiedCache {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
