@@ -71,6 +71,9 @@ cargo build --release --quiet
 . bench/lib.sh
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 work=$(mktemp -d)
+# Logs apart from the files the gateway watches (server.watch_files), so
+# that writing them wakes no watcher.
+mkdir -p "$work/logs"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -113,7 +116,7 @@ write_config "$work/gw-ratelimit-redis.toml" 0 "" "" "$limits
 redis_url = \"redis://127.0.0.1:$redis_port\"
 redis_timeout_ms = 1000"
 write_config "$work/gw-audit.toml" 0 "" "" "[audit]
-path = \"$work/audit.log\"
+path = \"$work/logs/audit.log\"
 on_error = \"reject\""
 write_config "$work/gw-idle.toml" 5000 "max_connections = 20000
 idle_timeout_ms = 300000"
@@ -123,7 +126,7 @@ cat "$work/certs/server.crt" "$work/certs/server.key" >"$work/haproxy/server.pem
 cp bench/peers/haproxy.cfg "$work/haproxy/haproxy.cfg"
 
 # ---- starting and stopping targets
-"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
+"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/logs/emulator.log" &
 pids+=($!)
 wait_port $emulator_port
 
@@ -135,7 +138,7 @@ start_target() {
   target_tokens= target_headers=(-H "Authorization: Bearer $jwt")
   case $name in
     direct)
-      "$bin" emulator --listen "127.0.0.1:$direct_port" --tokens "$work/tokens.json" 2>>"$work/direct.log" &
+      "$bin" emulator --listen "127.0.0.1:$direct_port" --tokens "$work/tokens.json" 2>>"$work/logs/direct.log" &
       target_pids=($!)
       target_url="http://127.0.0.1:$direct_port$path"
       # What a proxy would stamp: the user's token, X-User-Id, X-Date.
@@ -147,7 +150,7 @@ start_target() {
       [[ $name == haproxy-cache* ]] && variant=cache
       (cd "$work/haproxy" && PEER_VARIANT=$variant PEER_THREADS=$workers PEER_MAXCONN=$maxconn \
         PEER_IDLE=$idle PEER_BIND="127.0.0.1:$haproxy_port" PEER_UPSTREAM="127.0.0.1:$emulator_port" \
-        exec haproxy -f haproxy.cfg -db 2>>"$work/haproxy.log") &
+        exec haproxy -f haproxy.cfg -db 2>>"$work/logs/haproxy.log") &
       target_pids=($!)
       target_url="https://127.0.0.1:$haproxy_port$path"
       wait_port $haproxy_port ;;
@@ -158,7 +161,7 @@ start_target() {
         target_pids+=($!)
         wait_port $redis_port
       fi
-      "$bin" serve --config "$work/$name.toml" 2>>"$work/$name.log" &
+      "$bin" serve --config "$work/$name.toml" 2>>"$work/logs/$name.log" &
       target_pids+=($!)
       target_url="https://127.0.0.1:$gateway_port$path"
       wait_port $gateway_port ;;
@@ -297,12 +300,12 @@ measure_idle() { # $1 = label, $2 = port, $3 = stages; the target is started
   local out base line rss idle_pid last_n=0 last_rss
   base=$(status_kib VmRSS "${target_pids[@]}")
   coproc IDLE { python3 bench/peers/idle.py 127.0.0.1 "$2" "$work/certs/ca.crt" \
-    "$path" "$jwt" $3 2>>"$work/idle.log"; }
+    "$path" "$jwt" $3 2>>"$work/logs/idle.log"; }
   idle_pid=$IDLE_PID
   out="$1: base $((base / 1024)) MiB"
   last_rss=$base
   for stage in $3; do
-    read -r -t 600 line <&"${IDLE[0]}" || die "idle connections: no answer (see $work/idle.log)"
+    read -r -t 600 line <&"${IDLE[0]}" || die "idle connections: no answer (see $work/logs/idle.log)"
     set -- $line # READY <open> <failed>
     sleep 2
     rss=$(status_kib VmRSS "${target_pids[@]}")

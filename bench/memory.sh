@@ -23,6 +23,8 @@ command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exi
 ulimit -n 20000
 
 work=$(mktemp -d)
+# Logs apart from the files the gateway watches (server.watch_files).
+mkdir -p "$work/logs"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -51,7 +53,7 @@ mib() { awk -v k="$1" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$2/status";
 
 printf '%-9s %9s %9s %9s %9s %9s %9s\n' allocator req/s idle peak1 after1 peak2 after2
 for allocator in $allocators; do
-  "$work/gateway-$allocator" serve --config "$work/gateway.toml" 2>"$work/$allocator.log" &
+  "$work/gateway-$allocator" serve --config "$work/gateway.toml" 2>"$work/logs/$allocator.log" &
   gw=$!
   pids+=($gw)
   wait_port $gateway_port

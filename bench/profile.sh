@@ -53,6 +53,9 @@ bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 . bench/lib.sh
 mkdir -p "$out"
 work=$(mktemp -d)
+# Logs apart from the files the gateway watches (server.watch_files), so
+# that writing them wakes no watcher.
+mkdir -p "$work/logs"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -70,7 +73,7 @@ gateway_config "$work/miss.toml" 0
 cp "$work/hit.toml" "$work/hit-log.toml"
 # The dev certificate the gateway serves (and the client trusts).
 "$bin" dev-token --config "$work/hit.toml" --user "$(bench_user 1)" >/dev/null 2>&1
-"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
+"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/logs/emulator.log" &
 pids+=($!)
 wait_port $emulator_port
 
@@ -107,7 +110,7 @@ profile() {
   rm -f "$out/$name".*
   RUST_LOG="$(log_level "$name"),rustls=error" valgrind --tool=callgrind --quiet \
     --callgrind-out-file="$out/$name.%p" "$bin" serve --config "$work/$name.toml" \
-    2>"$work/$name.log" &
+    2>"$work/logs/$name.log" &
   gw=$!
   pids+=($gw)
   wait_port $gateway_port 120
@@ -129,7 +132,7 @@ profile() {
 syscalls() {
   local name=$1 gw tracer cache
   cache=$(expected_cache "$name")
-  RUST_LOG="$(log_level "$name"),rustls=error" "$bin" serve --config "$work/$name.toml" 2>"$work/$name.log" &
+  RUST_LOG="$(log_level "$name"),rustls=error" "$bin" serve --config "$work/$name.toml" 2>"$work/logs/$name.log" &
   gw=$!
   pids+=($gw)
   wait_port $gateway_port

@@ -20,6 +20,9 @@ cargo build --release --quiet
 . bench/lib.sh
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 work=$(mktemp -d)
+# Logs apart from the files the gateway watches (server.watch_files), so
+# that writing them wakes no watcher.
+mkdir -p "$work/logs"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -31,7 +34,7 @@ emulator_port=19443
 gateway_port=18443
 path="/koodrive/ose/v1/jobs?offset=0&limit=10"
 
-"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/emulator.log" &
+"$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/logs/emulator.log" &
 pids+=($!)
 
 redis_port=16379
@@ -80,14 +83,14 @@ for label in "${labels[@]}"; do
     gateway-cache-on) write_config 5000 "" ;;
     gateway-ratelimit-local) write_config 0 "$limits" ;;
     gateway-audit-*) write_config 0 "[audit]
-path = \"$work/audit-$label.log\"
+path = \"$work/logs/audit-$label.log\"
 on_error = \"reject\"
 durability = \"${label#gateway-audit-}\"" ;;
     gateway-ratelimit-redis) write_config 0 "$limits
 redis_url = \"redis://127.0.0.1:$redis_port\"
 redis_timeout_ms = 1000" ;;
   esac
-  "$bin" serve --config "$work/gateway.toml" 2>"$work/$label.log" &
+  "$bin" serve --config "$work/gateway.toml" 2>"$work/logs/$label.log" &
   gw=$!
   pids+=($gw)
   wait_port $gateway_port

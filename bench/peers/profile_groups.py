@@ -23,7 +23,7 @@ GROUPS = [
     ("logging and spans (tracing)", r"tracing|sharded_slab|matchers|regex|nu_ansi"),
     ("metrics (prometheus-client)", r"prometheus"),
     ("caches (moka)", r"moka|crossbeam|quanta|tagptr"),
-    ("JWT and JSON (jsonwebtoken, serde, base64)", r"jsonwebtoken|serde|base64"),
+    ("JSON and JWT (serde_json: the upstream body's check; jsonwebtoken)", r"jsonwebtoken|serde|base64"),
     ("allocation (jemalloc, malloc)", r"jemalloc|_rjem_|je_|malloc|free|realloc|calloc|sdallocx|mallocx"),
     ("memory copies (libc memcpy/memmove/memset)", r"mem(cpy|move|set|cmp)|__memcpy|__memmove|__memset|strlen"),
     ("time (time, clock_gettime, vdso)", r"clock_gettime|vdso|/time-[0-9]|\btime::|OffsetDateTime"),
