@@ -330,7 +330,12 @@ impl Gateway {
                 grace: config.server.drain_timeout,
                 limits: config.server.limits,
             },
-            pipeline: Arc::new(pipeline.traced(traced).head_limits(&config.server.limits)),
+            pipeline: Arc::new(
+                pipeline
+                    .traced(traced)
+                    .head_limits(&config.server.limits)
+                    .sample_success_lines(config.log.success_sample),
+            ),
             auditor,
             emulator,
             tasks,

@@ -24,7 +24,7 @@ use crate::jobs::{JobsQuery, JOBS_PATH};
 use crate::language::Language;
 use crate::metrics::RequestMetrics;
 use crate::rate_limit::RateLimiter;
-use crate::record::{QueryText, RequestRecord};
+use crate::record::{LogSampler, QueryText, RequestRecord};
 use crate::server::{ClientAddr, ClientIdentity};
 use crate::token::TokenSource;
 use crate::trace_id::{TraceId, X_TRACEID};
@@ -42,6 +42,8 @@ pub(crate) struct Pipeline {
     traced: bool,
     /// The request-head limits of `[server]` the gateway answers itself.
     head: HeadLimits,
+    /// Which access-log lines are written (`log.success_sample`).
+    access_log: LogSampler,
     metrics: RequestMetrics,
     audit: Option<Arc<Auditor>>,
     verifier: Verifier,
@@ -65,6 +67,7 @@ impl Pipeline {
         Pipeline {
             traced: false,
             head: HeadLimits::NONE,
+            access_log: LogSampler::new(1),
             metrics,
             audit,
             verifier,
@@ -82,6 +85,13 @@ impl Pipeline {
             fields: limits.max_headers,
             target_bytes: limits.max_request_target_bytes,
         };
+        self
+    }
+
+    /// Writes the access-log line of one successful request in `every`
+    /// (every other line always).
+    pub(crate) fn sample_success_lines(mut self, every: u64) -> Pipeline {
+        self.access_log = LogSampler::new(every);
         self
     }
 
@@ -166,7 +176,9 @@ impl Pipeline {
         if let Some(limits) = &finished.record.limits {
             limits.stamp(headers);
         }
-        finished.log();
+        if self.access_log.keeps(finished.status) {
+            finished.log();
+        }
         self.metrics.record(&finished);
         response
     }

@@ -4,6 +4,7 @@
 //! line (and is where the audit record and metrics are written).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,36 @@ pub(crate) fn escaped(text: &str, max: usize) -> String {
         return text.to_owned();
     }
     text.escape_debug().take(max).collect()
+}
+
+/// Which access-log lines are written: every request's, except that of
+/// successful (2xx) requests only one in `every` (`log.success_sample`).
+/// Errors, refusals and abandoned requests are always logged; the audit
+/// trail and the metrics count every request whatever this says.
+#[derive(Debug)]
+pub(crate) struct LogSampler {
+    every: u64,
+    successes: AtomicU64,
+}
+
+impl LogSampler {
+    /// One success line in `every` (0 or 1: all of them).
+    pub(crate) fn new(every: u64) -> LogSampler {
+        LogSampler {
+            every: every.max(1),
+            successes: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the line of a request answered with `status` is written.
+    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
+        if self.every == 1 || !status.is_success() {
+            return true;
+        }
+        self.successes
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(self.every)
+    }
 }
 
 /// What the gateway did with a request.
@@ -436,6 +467,21 @@ mod tests {
             r.query.as_ref().map(|q| q.as_str().len()),
             Some(MAX_QUERY_CHARS)
         );
+    }
+
+    #[test]
+    fn the_sampler_keeps_one_success_line_in_n_and_every_other_line() {
+        let sampler = LogSampler::new(3);
+        let kept: Vec<bool> = (0..7).map(|_| sampler.keeps(StatusCode::OK)).collect();
+        assert_eq!(kept, [true, false, false, true, false, false, true]);
+        for status in [400, 401, 429, 499, 502, 503] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!((0..5).all(|_| sampler.keeps(status)), "{status}");
+        }
+        for every in [0, 1] {
+            let all = LogSampler::new(every);
+            assert!((0..5).all(|_| all.keeps(StatusCode::OK)));
+        }
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub const NUMERIC_KEYS: &[Bound] = &[
     bound("token.max_cached_tokens", 1, 10_000_000),
     // 0 = cache off.
     bound("cache.ttl_ms", 0, DAY_MS),
+    // 1 = every successful request's line.
+    bound("log.success_sample", 1, 1_000_000),
     bound("cache.ttl_jitter_ms", 0, HOUR_MS),
     bound("cache.max_bytes", 1024, 16 * 1024 * MIB),
     bound("cache.stale_if_error_ms", 0, DAY_MS),

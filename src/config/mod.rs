@@ -189,7 +189,7 @@ impl Config {
                 .map(FileRateLimit::validate)
                 .transpose()?,
             audit: file.audit.as_ref().map(FileAudit::validate).transpose()?,
-            log: file.log.clone(),
+            log: file.log.validate()?,
             telemetry: file.telemetry.validate()?,
             upstream,
         })
