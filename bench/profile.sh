@@ -14,6 +14,7 @@
 #             10 min, so that no entry expires during the run)
 #   miss      the response cache off: every request goes to the emulator
 #   hit-log   `hit` with the access log on (RUST_LOG=info, to a file)
+#   hit-log-sampled  `hit-log` with log.success_sample = 10
 # For each: the gateway starts under `valgrind --tool=callgrind`, takes
 # WARMUP (300) requests (connections to the upstream, caches, allocator),
 # its counters are zeroed (callgrind_control -z), it takes REQUESTS
@@ -74,6 +75,8 @@ jwt=$(sed -n 1p "$work/jwts.txt")
 gateway_config "$work/hit.toml" 600000
 gateway_config "$work/miss.toml" 0
 cp "$work/hit.toml" "$work/hit-log.toml"
+gateway_config "$work/hit-log-sampled.toml" 600000 "" "" "[log]
+success_sample = 10"
 # The dev certificate the gateway serves (and the client trusts).
 "$bin" dev-token --config "$work/hit.toml" --user "$(bench_user 1)" >/dev/null 2>&1
 "$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>"$work/logs/emulator.log" &
@@ -103,7 +106,7 @@ prime() {
     </dev/null >/dev/null
 }
 expected_cache() { case $1 in miss) echo BYPASS ;; *) echo HIT ;; esac; }
-log_level() { case $1 in *-log) echo info ;; *) echo warn ;; esac; }
+log_level() { case $1 in *-log | *-log-*) echo info ;; *) echo warn ;; esac; }
 
 # $1 = target: runs it under callgrind; prints instructions per request and
 # the groups.
