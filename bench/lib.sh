@@ -43,6 +43,9 @@ wait_port() {
   local tries=$((${2:-10} * 10))
   for _ in $(seq 1 "$tries"); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
   echo "port $1 did not open" >&2
+  # What the processes said before giving up (bench scripts log to
+  # $work/logs).
+  tail -n 5 "${work:-/nonexistent}"/logs/*.log >&2 2>/dev/null || true
   exit 1
 }
 

@@ -153,6 +153,11 @@ syscalls() {
   kill $gw
   wait $gw 2>/dev/null || true
   pids=("${pids[@]/$gw/}")
+  if [ ! -s "$out/$name.strace" ]; then
+    # strace could not attach (not root under kernel.yama.ptrace_scope=1).
+    echo "$name system calls per request: not counted (strace could not attach to the gateway)"
+    return
+  fi
   awk -v n="$requests" -v t="$name" '$NF == "total" {calls = $4}
     $1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" {by[$NF] = $4}
     END {

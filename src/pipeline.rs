@@ -108,7 +108,8 @@ impl Pipeline {
 
     /// Handles one request; never fails: errors, and panics, become
     /// normalized responses carrying the request's trace id, and every
-    /// request leaves through [`Finished::log`] exactly once.
+    /// request is finished exactly once: recorded in the metrics and the
+    /// audit trail, and its line written unless sampled out.
     pub(crate) async fn handle<B: Body>(&self, request: Request<B>) -> Response<Full<Bytes>> {
         let trace_id = TraceId::from_headers(request.headers());
         let mut record = RequestRecord::open(
@@ -176,7 +177,7 @@ impl Pipeline {
         if let Some(limits) = &finished.record.limits {
             limits.stamp(headers);
         }
-        if self.access_log.keeps(finished.status) {
+        if self.access_log.keeps(finished.status, finished.decision) {
             finished.log();
         }
         self.metrics.record(&finished);

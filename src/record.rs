@@ -54,9 +54,11 @@ impl LogSampler {
         }
     }
 
-    /// Whether the line of a request answered with `status` is written.
-    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
-        if self.every == 1 || !status.is_success() {
+    /// Whether the line of a request answered with `status` is written:
+    /// always for an error, and for a stale answer (KooDrive just failed,
+    /// and the line is where that shows); one success in `every` else.
+    pub(crate) fn keeps(&self, status: StatusCode, decision: Decision) -> bool {
+        if self.every == 1 || !status.is_success() || decision == Decision::Stale {
             return true;
         }
         self.successes
@@ -292,7 +294,8 @@ impl Finished<'_> {
         }
     }
 
-    /// Writes the access-log line: one per request, at info level, flat
+    /// Writes the access-log line: one per logged request (see
+    /// [`LogSampler`]), at info level, flat
     /// fields (client-supplied text was escaped when the record opened).
     /// For a 5xx the error's causes are included.
     pub(crate) fn log(&self) {
@@ -471,16 +474,22 @@ mod tests {
 
     #[test]
     fn the_sampler_keeps_one_success_line_in_n_and_every_other_line() {
+        let ok = Decision::Forwarded;
         let sampler = LogSampler::new(3);
-        let kept: Vec<bool> = (0..7).map(|_| sampler.keeps(StatusCode::OK)).collect();
+        let kept: Vec<bool> = (0..7).map(|_| sampler.keeps(StatusCode::OK, ok)).collect();
         assert_eq!(kept, [true, false, false, true, false, false, true]);
         for status in [400, 401, 429, 499, 502, 503] {
             let status = StatusCode::from_u16(status).unwrap();
-            assert!((0..5).all(|_| sampler.keeps(status)), "{status}");
+            assert!(
+                (0..5).all(|_| sampler.keeps(status, Decision::Rejected)),
+                "{status}"
+            );
         }
+        // A stale answer is a 200 that hides KooDrive's failure.
+        assert!((0..5).all(|_| sampler.keeps(StatusCode::OK, Decision::Stale)));
         for every in [0, 1] {
             let all = LogSampler::new(every);
-            assert!((0..5).all(|_| all.keeps(StatusCode::OK)));
+            assert!((0..5).all(|_| all.keeps(StatusCode::OK, ok)));
         }
     }
 

@@ -98,8 +98,8 @@ impl TraceId {
     /// and a new span id (W3C Trace Context §3.2).
     pub fn child_traceparent(&self) -> HeaderValue {
         let span: u64 = rand::rng().random_range(1..=u64::MAX);
-        // Written piece by piece: `format!` cost more than the rest of
-        // building the upstream request's headers.
+        // Written piece by piece: `format!` cost about 2.4k instructions of
+        // the upstream request's 12.7k (bench/RESULTS.md).
         let mut value = String::with_capacity(55);
         value.push_str("00-");
         value.push_str(&self.w3c);

@@ -12,7 +12,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Access-log lines of successful requests (2xx): one in this many is
     /// written (1 = all). Every other request's line is always written.
-    /// The line costs more than the rest of a cached answer.
+    /// The text line is about a third of a logged cache hit's instructions
+    /// (bench/RESULTS.md).
     #[serde(default = "one")]
     pub success_sample: u64,
 }

@@ -135,3 +135,58 @@ async fn a_request_the_client_abandons_is_still_logged_once() {
     assert_eq!(line["code"], "client_closed_request");
     assert_eq!(line["principal"], "app-u-1");
 }
+
+#[tokio::test]
+async fn sampled_success_lines_leave_errors_the_audit_trail_and_metrics_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.log");
+    let env = TestEnv::start_with(Options {
+        sections: format!(
+            "[log]\nsuccess_sample = 5\n[audit]\npath = \"{}\"\n",
+            audit.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    for i in 0..10 {
+        let trace = format!("sampled-{i}");
+        let reply = env.get_with("u-1", PATH, &[("x-traceid", &trace)]).await;
+        assert_eq!(reply.status, 200);
+    }
+    let refused = env
+        .get_bearer("not-a-jwt", "/koodrive/ose/v1/jobs?offset=0&limit=2")
+        .await;
+    assert_eq!(refused.status, 401);
+    // Requests finish after their responses: wait for the last record.
+    for _ in 0..250 {
+        if std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 11
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = env.log();
+    let lines = |needle: &str| {
+        log.lines()
+            .filter(|l| l.contains("koodrive_gateway::record") && l.contains(needle))
+            .count()
+    };
+    assert_eq!(lines("status=200"), 2, "one success line in 5:\n{log}");
+    assert_eq!(lines("status=401"), 1, "every error line:\n{log}");
+    assert_eq!(
+        std::fs::read_to_string(&audit).unwrap().lines().count(),
+        11,
+        "every request audited"
+    );
+    let metrics = env.admin_get("/metrics").await;
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("koodrive_gateway_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 11.0, "every request counted:\n{metrics}");
+}
