@@ -70,18 +70,7 @@ done
 cargo build --release --quiet
 . bench/lib.sh
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
-work=$(mktemp -d)
-# Logs apart from the files the gateway watches (server.watch_files), so
-# that writing them wakes no watcher.
-mkdir -p "$work/logs"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work
 # rustls warns of every wrk connection (it sends the IP address as SNI).
 export TOKIO_WORKER_THREADS=$workers RUST_LOG=warn,rustls=error
 

@@ -1,10 +1,10 @@
 # Shared by the bench scripts (sourced, not run): the gateway's bench
 # configuration, waiting for a port, and RS256 users with their JWTs.
 #
-# The scripts set these before calling: work (a scratch folder),
-# gateway_port, emulator_port; optionally jwks_file (default: the dev
-# JWKS that `dev-token` creates under $work/certs), auth_keys (extra
-# [auth] keys every configuration gets) and cache_ttl_ms.
+# The scripts call start_work (which makes $work) and set gateway_port and
+# emulator_port before calling the rest; optionally jwks_file (default: the
+# dev JWKS that `dev-token` creates under $work/certs) and auth_keys (extra
+# [auth] keys every configuration gets).
 
 bench_issuer=https://idp.bench
 bench_audience=koodrive-gateway
@@ -79,4 +79,22 @@ prepare_rs256() {
 # mint_rs256 TTL USER...: one JWT a line, signed with $work/rs256's key.
 mint_rs256() {
   python3 bench/peers/rs256.py mint "$work/rs256/key.der" bench-rs256 "$bench_issuer" "$bench_audience" "$@"
+}
+
+# start_work: a scratch directory $work, with the processes' logs in
+# $work/logs (apart from the files the gateway watches, so that writing
+# them wakes no watcher), and the array $pids of what was started; on exit
+# (or Ctrl-C) every one of them is stopped and the directory removed.
+start_work() {
+  work=$(mktemp -d)
+  mkdir -p "$work/logs"
+  pids=()
+  trap stop_work EXIT
+  trap 'exit 130' INT TERM
+}
+
+stop_work() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
 }

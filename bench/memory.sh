@@ -22,12 +22,8 @@ allocators=${ALLOCATORS:-system mimalloc jemalloc}
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
 ulimit -n 20000
 
-work=$(mktemp -d)
-# Logs apart from the files the gateway watches (server.watch_files).
-mkdir -p "$work/logs"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+. bench/lib.sh
+start_work
 
 for allocator in $allocators; do
   features=()
@@ -46,7 +42,6 @@ path="/koodrive/ose/v1/jobs?offset=0&limit=10"
 "$bin" emulator --listen "127.0.0.1:$emulator_port" --tokens "$work/tokens.json" 2>/dev/null &
 pids+=($!)
 
-. bench/lib.sh
 gateway_config "$work/gateway.toml" 1000
 
 mib() { awk -v k="$1" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$2/status"; }

@@ -54,18 +54,7 @@ CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --quiet
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
 . bench/lib.sh
 mkdir -p "$out"
-work=$(mktemp -d)
-# Logs apart from the files the gateway watches (server.watch_files), so
-# that writing them wakes no watcher.
-mkdir -p "$work/logs"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work
 export TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-2}
 
 prepare_rs256 1

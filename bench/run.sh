@@ -19,13 +19,7 @@ command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exi
 cargo build --release --quiet
 . bench/lib.sh
 bin=${CARGO_TARGET_DIR:-target}/release/koodrive-gateway
-work=$(mktemp -d)
-# Logs apart from the files the gateway watches (server.watch_files), so
-# that writing them wakes no watcher.
-mkdir -p "$work/logs"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+start_work
 
 user=bench-user
 token=bench-koodrive-token

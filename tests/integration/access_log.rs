@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use koodrive_gateway::emulator::Fault;
 
-use crate::support::{Options, TestEnv};
+use crate::support::{audit_records, Options, TestEnv};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
 
@@ -158,17 +158,7 @@ async fn sampled_success_lines_leave_errors_the_audit_trail_and_metrics_whole() 
         .await;
     assert_eq!(refused.status, 401);
     // Requests finish after their responses: wait for the last record.
-    for _ in 0..250 {
-        if std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            == 11
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    audit_records(&audit, 11).await;
     let log = env.log();
     let lines = |needle: &str| {
         log.lines()
@@ -178,7 +168,7 @@ async fn sampled_success_lines_leave_errors_the_audit_trail_and_metrics_whole() 
     assert_eq!(lines("status=200"), 2, "one success line in 5:\n{log}");
     assert_eq!(lines("status=401"), 1, "every error line:\n{log}");
     assert_eq!(
-        std::fs::read_to_string(&audit).unwrap().lines().count(),
+        audit_records(&audit, 11).await.len(),
         11,
         "every request audited"
     );

@@ -9,7 +9,7 @@ use http::Version;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::support::{Options, Reply, TestEnv};
+use crate::support::{audit_records, Options, Reply, TestEnv};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
 
@@ -22,22 +22,6 @@ async fn audited_env(path: &Path, audit: &str, extra: &str) -> TestEnv {
         ..Options::default()
     })
     .await
-}
-
-/// The records in `path`, once there are `count` of them (the writer is a
-/// thread of its own).
-async fn records(path: &Path, count: usize) -> Vec<Value> {
-    for _ in 0..250 {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= count {
-            return text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-                .collect();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{} holds fewer than {count} lines", path.display());
 }
 
 /// `GET path` as `user` (or without credentials) with trace id `trace`.
@@ -95,7 +79,7 @@ async fn every_request_gets_exactly_one_record_with_every_field() {
     for i in 0..200 {
         replies.push(mixed(&env, i).await);
     }
-    let lines = records(&path, 200).await;
+    let lines = audit_records(&path, 200).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         std::fs::read_to_string(&path).unwrap().lines().count(),
@@ -215,7 +199,7 @@ async fn client_text_is_escaped_and_cannot_split_a_line() {
     // A trace id with characters it may not have is replaced, not kept.
     let reply = get(&env, Some("u-1"), "GET", PATH, "bad\ttrace\"id").await;
     assert_ne!(reply.header("x-traceid"), "bad\ttrace\"id");
-    let lines = records(&path, accepted.len() + 1).await;
+    let lines = audit_records(&path, accepted.len() + 1).await;
     assert_eq!(
         std::fs::read_to_string(&path).unwrap().lines().count(),
         accepted.len() + 1,
@@ -292,7 +276,7 @@ async fn rotation_keeps_files_small_and_lines_whole_and_reopen_follows_a_rename(
     std::fs::rename(&path, dir.path().join("audit.log.external")).unwrap();
     env.reloader.reload().await;
     get(&env, Some("u-1"), "GET", PATH, "after-reopen").await;
-    let fresh = records(&path, 1).await;
+    let fresh = audit_records(&path, 1).await;
     assert_eq!(fresh.len(), 1);
     assert_eq!(fresh[0]["trace_id"], "after-reopen");
 }
@@ -359,7 +343,7 @@ async fn failing_closed_nothing_is_served_unaudited_and_writing_resumes_when_spa
     assert!(served, "no restart needed");
     let reply = get(&env, Some("u-2"), "GET", PATH, "after-space").await;
     assert_eq!(reply.status, 200);
-    let lines = records(&file, 2).await;
+    let lines = audit_records(&file, 2).await;
     assert!(lines.iter().any(|l| l["trace_id"] == "after-space"));
     if first.status == 200 {
         // Its response was released once queued: its record was kept.
@@ -440,7 +424,7 @@ async fn past_the_drain_deadline_open_requests_are_closed_and_still_audited() {
     .await;
     // The connection was closed long before KooDrive would have answered.
     assert!(outcome.is_ok(), "the request outlived the drain deadline");
-    let lines = records(&path, 1).await;
+    let lines = audit_records(&path, 1).await;
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["trace_id"], "cut-short");
     assert_eq!(lines[0]["status"], 499);

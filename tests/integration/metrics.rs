@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::support::{Options, TestEnv, CLIENT_SECRET};
+use crate::support::{audit_records, Options, TestEnv, CLIENT_SECRET};
 
 const PATH: &str = "/koodrive/ose/v1/jobs?offset=0&limit=2";
 
@@ -106,17 +106,7 @@ async fn metrics_parse_name_everything_and_count_the_traffic() {
     }
     assert_eq!(limited, 2);
     // The audit writer is a thread of its own: wait for its 11 records.
-    for _ in 0..100 {
-        if std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            == 11
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    audit_records(&audit, 11).await;
 
     let text = env.admin_get("/metrics").await;
     let samples = parse(&text);

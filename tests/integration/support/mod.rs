@@ -685,3 +685,19 @@ impl TestEnv {
         String::from_utf8_lossy(&response).into_owned()
     }
 }
+
+/// The records in `path`, once there are `count` of them (the writer is a
+/// thread of its own).
+pub async fn audit_records(path: &Path, count: usize) -> Vec<Value> {
+    for _ in 0..250 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= count {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{} holds fewer than {count} lines", path.display());
+}
