@@ -612,6 +612,15 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
+    /// Refused for exactly `problem`.
+    #[track_caller]
+    fn assert_refused(result: Result<Principal, GatewayError>, problem: CredentialProblem) {
+        match result {
+            Err(GatewayError::InvalidCredentials(found)) => assert_eq!(found, problem),
+            other => panic!("expected {problem:?}, got {other:?}"),
+        }
+    }
+
     #[track_caller]
     fn assert_invalid(result: Result<Principal, GatewayError>) {
         assert!(
@@ -1116,29 +1125,17 @@ mod tests {
         assert!(verifier.verify_token(&token).await.is_ok());
         // The clock steps back an hour.
         set_clock(&mut verifier, start - 3600);
-        let result = verifier.verify_token(&token).await;
-        assert!(
-            matches!(
-                result,
-                Err(GatewayError::InvalidCredentials(
-                    CredentialProblem::NotYetValid
-                ))
-            ),
-            "{result:?}"
+        assert_refused(
+            verifier.verify_token(&token).await,
+            CredentialProblem::NotYetValid,
         );
         assert_eq!(verifier.cache.lookups(), (1, 3), "refused from the cache");
         // As a verifier that never saw it would at that time.
         let mut uncached = uncached_verifier(&keys).await;
         set_clock(&mut uncached, start - 3600);
-        let result = uncached.verify_token(&token).await;
-        assert!(
-            matches!(
-                result,
-                Err(GatewayError::InvalidCredentials(
-                    CredentialProblem::NotYetValid
-                ))
-            ),
-            "{result:?}"
+        assert_refused(
+            uncached.verify_token(&token).await,
+            CredentialProblem::NotYetValid,
         );
         // Back to the present, the entry serves again.
         set_clock(&mut verifier, start);
@@ -1158,15 +1155,9 @@ mod tests {
         // Rotation: the ES256 key leaves the JWKS.
         keys.write_jwks(vec![keys.ed_jwk.clone()]);
         assert!(verifier.keys.refetch().await.is_some());
-        let result = verifier.verify_token(&token).await;
-        assert!(
-            matches!(
-                result,
-                Err(GatewayError::InvalidCredentials(
-                    CredentialProblem::NoMatchingKey
-                ))
-            ),
-            "{result:?}"
+        assert_refused(
+            verifier.verify_token(&token).await,
+            CredentialProblem::NoMatchingKey,
         );
         // Not served from the cache: the entry was dropped, the token
         // verified in full and refused.
@@ -1184,15 +1175,9 @@ mod tests {
         let new_key = EncodingKey::from_ec_pem(es256_pem().as_bytes()).unwrap();
         keys.write_jwks(vec![ec_jwk(&new_key), keys.ed_jwk.clone()]);
         assert!(verifier.keys.refetch().await.is_some());
-        let result = verifier.verify_token(&token).await;
-        assert!(
-            matches!(
-                result,
-                Err(GatewayError::InvalidCredentials(
-                    CredentialProblem::BadSignature
-                ))
-            ),
-            "{result:?}"
+        assert_refused(
+            verifier.verify_token(&token).await,
+            CredentialProblem::BadSignature,
         );
         assert_eq!(verifier.cache.lookups(), (0, 2));
         // A token signed by the new key verifies.

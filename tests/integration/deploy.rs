@@ -92,20 +92,14 @@ async fn sidecar_example_serves_plain_http_on_loopback_as_shipped() {
     let line: serde_json::Value = serde_json::from_str(&started).unwrap();
     assert_eq!(line["level"], "INFO", "{started}");
 
-    let out = binary::run(
-        dir.path(),
-        &["--config", SIDECAR_EXAMPLE, "dev-token", "--user", "u-1001"],
-    )
-    .await;
-    assert!(out.status.success(), "{out:?}");
-    let token = String::from_utf8(out.stdout).unwrap();
+    let token = binary::dev_token_for(dir.path(), SIDECAR_EXAMPLE, "u-1001").await;
 
     let (status, body) = get(
         &format!(
             "http://{}/koodrive/ose/v1/jobs?offset=0&limit=2",
             gateway.addr
         ),
-        Some(token.trim()),
+        Some(&token),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -172,18 +166,12 @@ async fn sidecar_example_serves_with_koodrive_overridden_from_the_environment() 
         },
     )
     .await;
-    let out = binary::run(
-        dir.path(),
-        &["--config", SIDECAR_EXAMPLE, "dev-token", "--user", "u-1001"],
-    )
-    .await;
-    assert!(out.status.success(), "{out:?}");
-    let token = String::from_utf8(out.stdout).unwrap();
+    let token = binary::dev_token_for(dir.path(), SIDECAR_EXAMPLE, "u-1001").await;
     let url = format!(
         "http://{}/koodrive/ose/v1/jobs?offset=0&limit=2",
         gateway.addr
     );
-    let (status, body) = get(&url, Some(token.trim())).await;
+    let (status, body) = get(&url, Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     // Served by that KooDrive, not an embedded one.
     assert!(

@@ -101,12 +101,32 @@ static_tokens_file = "tokens.json"
     async fn get_as(&self, serving: &Serving, user: &str) -> u16 {
         let jwt = binary::dev_token(self.path(), user).await;
         let client = tls_client(&self.path().join("ca.crt"), Version::HTTP_11);
-        let request = Request::get(format!("https://localhost:{}{JOBS}", serving.port()))
-            .header("authorization", format!("Bearer {jwt}"))
-            .body(Full::<Bytes>::default())
-            .unwrap();
+        let request = jobs(serving, JOBS, &jwt);
         client.request(request).await.unwrap().status().as_u16()
     }
+
+    /// Waits (at most 5 s) until the emulator has received `count` jobs
+    /// requests: they are in flight, held by its latency.
+    async fn in_flight(&self, count: u64) {
+        for _ in 0..500 {
+            if self.emulator.jobs_requests() == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.emulator.jobs_requests(), count, "requests in flight");
+    }
+}
+
+/// A GET of `path_and_query` on the gateway with `jwt`.
+fn jobs(serving: &Serving, path_and_query: &str, jwt: &str) -> Request<Full<Bytes>> {
+    Request::get(format!(
+        "https://localhost:{}{path_and_query}",
+        serving.port()
+    ))
+    .header("authorization", format!("Bearer {jwt}"))
+    .body(Full::default())
+    .unwrap()
 }
 
 /// Sends SIGHUP and waits until the reload it started has finished.
@@ -356,13 +376,8 @@ async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
     for i in 0..20 {
         let client = if i % 2 == 0 { h1.clone() } else { h2.clone() };
         // Distinct queries, so the cache cannot fold them into one call.
-        let request = Request::get(format!(
-            "https://localhost:{}/koodrive/ose/v1/jobs?offset={i}&limit=1",
-            serving.port()
-        ))
-        .header("authorization", format!("Bearer {jwt}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
+        let query = format!("/koodrive/ose/v1/jobs?offset={i}&limit=1");
+        let request = jobs(&serving, &query, &jwt);
         in_flight.push(tokio::spawn(async move {
             let response = client.request(request).await.unwrap();
             let close = response
@@ -372,13 +387,7 @@ async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
             (response.status().as_u16(), response.version(), close)
         }));
     }
-    for _ in 0..500 {
-        if setup.emulator.jobs_requests() == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(setup.emulator.jobs_requests(), 20, "all 20 are in flight");
+    setup.in_flight(20).await;
 
     let admin = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
@@ -401,10 +410,7 @@ async fn sigterm_drains_twenty_slow_requests_and_exits_zero() {
     assert!(not_ready, "not ready while draining");
     assert!(refused, "new connections are refused");
     // Nor is a new request served on the HTTP/2 connection (GOAWAY).
-    let late = Request::get(format!("https://localhost:{}{JOBS}", serving.port()))
-        .header("authorization", format!("Bearer {jwt}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
+    let late = jobs(&serving, JOBS, &jwt);
     assert!(
         h2.request(late).await.is_err(),
         "no new request while draining"
@@ -449,17 +455,9 @@ async fn a_second_sigterm_exits_at_once() {
         .emulator
         .set_fault(Fault::Latency(Duration::from_secs(60)));
     let client = tls_client(&setup.path().join("ca.crt"), Version::HTTP_11);
-    let request = Request::get(format!("https://localhost:{}{JOBS}", serving.port()))
-        .header("authorization", format!("Bearer {jwt}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
+    let request = jobs(&serving, JOBS, &jwt);
     let _in_flight = tokio::spawn(async move { client.request(request).await });
-    for _ in 0..500 {
-        if setup.emulator.jobs_requests() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    setup.in_flight(1).await;
     serving.signal("TERM").await;
     serving.wait_for_line("draining").await;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -49,7 +49,12 @@ pub async fn run(dir: &Path, args: &[&str]) -> std::process::Output {
 /// A development JWT for `user`, from `dev-token` (the dev key must exist:
 /// call it once `serve` has started in `dir`).
 pub async fn dev_token(dir: &Path, user: &str) -> String {
-    let out = run(dir, &["dev-token", "--user", user]).await;
+    dev_token_for(dir, koodrive_gateway::config::DEFAULT_CONFIG_PATH, user).await
+}
+
+/// A development JWT for `user` from the dev key `config` names.
+pub async fn dev_token_for(dir: &Path, config: &str, user: &str) -> String {
+    let out = run(dir, &["--config", config, "dev-token", "--user", user]).await;
     assert!(
         out.status.success(),
         "{}",
